@@ -1,0 +1,323 @@
+//! Command line: lexopt parsing into raw arguments, then validation into a `Config`, before any I/O.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use lexopt::prelude::*;
+use regex_lite::Regex;
+
+use crate::endpoint::Endpoint;
+use crate::error::{Error, Result};
+use crate::keys::{normalize_prefix, KeyMap};
+
+/// The help text; the exit-code table here is the same as the README's.
+pub const HELP: &str = "\
+etcdmirror: mirror an etcd v2 cluster (SRC) into a read-only replica (DST)
+
+Usage: etcdmirror [OPTIONS] SRC DST
+  SRC, DST are URLs like https://user:pass@host:2379
+
+Replication:
+      --src-prefix PREFIX          source subtree to mirror [default: /]
+      --dst-prefix PREFIX          destination prefix [default: /replica]
+      --strip                      remove the source prefix before adding the destination prefix
+      --src-ignore-keys-regex RE   never write source keys that fully match RE (they still
+                                   advance the replication index)
+      --watch-timeout SECS         renew a quiet watch at least this often [default: 1]
+      --retry-timeout SECS         retry transient faults this long, then exit 1 [default: 60]
+Reload:
+      --reload                     make DST an exact copy of SRC by writing only the
+                                   differences, then replicate
+      --dry-run                    with --reload: print the plan and exit without writing
+      --force                      with --reload: allow SRC and DST to be the same cluster, and a
+                                   plan that deletes more than half of the destination's keys
+Metrics:
+      --port PORT                  metrics port, 0 = off [default: 8000]
+Logging:
+  -d, --debug                      debug logging (RUST_LOG is also honoured)
+  -h, --help                       print this help
+      --version                    print the version
+
+Exit codes:
+  0  clean stop
+  1  transient failure, retries exhausted (safe to restart)
+  2  usage or configuration error, or a refused --reload
+  3  inconsistency on the destination (needs a human)
+  4  source index cleared: history window lost (run with --reload)
+  5  another writer changed the replication index (stop the other mirror)
+";
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum Command {
+    Run(Config),
+    Help,
+    Version,
+}
+
+/// A validated configuration: nothing in here can fail to parse later.
+#[derive(Debug)]
+pub struct Config {
+    pub src: Endpoint,
+    pub dst: Endpoint,
+    pub keys: KeyMap,
+    pub reload: bool,
+    pub dry_run: bool,
+    pub force: bool,
+    pub debug: bool,
+    pub port: u16,
+    pub watch_timeout: Duration,
+    pub retry_timeout: Duration,
+}
+
+/// The command line as typed, before validation.
+#[derive(Debug, Default)]
+struct RawArgs {
+    positional: Vec<String>,
+    src_prefix: Option<String>,
+    dst_prefix: Option<String>,
+    strip: bool,
+    ignore: Option<String>,
+    watch_timeout: Option<String>,
+    retry_timeout: Option<String>,
+    reload: bool,
+    dry_run: bool,
+    force: bool,
+    port: Option<String>,
+    debug: bool,
+    help: bool,
+    version: bool,
+}
+
+/// Parse and validate the arguments (without the program name).
+pub fn parse<I>(args: I) -> Result<Command>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    let raw = parse_raw(args).map_err(|e| Error::Usage(e.to_string()))?;
+    if raw.help {
+        return Ok(Command::Help);
+    }
+    if raw.version {
+        return Ok(Command::Version);
+    }
+    validate(raw).map(Command::Run)
+}
+
+fn parse_raw<I>(args: I) -> std::result::Result<RawArgs, lexopt::Error>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    let mut raw = RawArgs::default();
+    let mut p = lexopt::Parser::from_args(args);
+    while let Some(arg) = p.next()? {
+        match arg {
+            Short('d') | Long("debug") => raw.debug = true,
+            Short('h') | Long("help") => raw.help = true,
+            Long("version") => raw.version = true,
+            Long("strip") => raw.strip = true,
+            Long("reload") => raw.reload = true,
+            Long("dry-run") => raw.dry_run = true,
+            Long("force") => raw.force = true,
+            Long("src-prefix") => raw.src_prefix = Some(p.value()?.string()?),
+            Long("dst-prefix") => raw.dst_prefix = Some(p.value()?.string()?),
+            Long("src-ignore-keys-regex") => raw.ignore = Some(p.value()?.string()?),
+            Long("watch-timeout") => raw.watch_timeout = Some(p.value()?.string()?),
+            Long("retry-timeout") => raw.retry_timeout = Some(p.value()?.string()?),
+            Long("port") => raw.port = Some(p.value()?.string()?),
+            Value(v) => raw.positional.push(v.string()?),
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    Ok(raw)
+}
+
+fn usage(msg: String) -> Error {
+    Error::Usage(msg)
+}
+
+fn prefix(flag: &str, value: Option<String>, default: &str) -> Result<String> {
+    let v = value.unwrap_or_else(|| default.to_string());
+    if !v.starts_with('/') {
+        return Err(usage(format!(
+            "{flag} must be an absolute key prefix starting with '/', got {v:?}"
+        )));
+    }
+    Ok(normalize_prefix(&v))
+}
+
+fn seconds(flag: &str, value: Option<String>, default: f64) -> Result<Duration> {
+    let Some(v) = value else {
+        return Ok(Duration::from_secs_f64(default));
+    };
+    match v.parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 && s < 1e6 => Ok(Duration::from_secs_f64(s)),
+        _ => Err(usage(format!(
+            "{flag} takes a positive number of seconds, got {v:?}"
+        ))),
+    }
+}
+
+fn endpoint(name: &str, url: &str) -> Result<Endpoint> {
+    Endpoint::parse(url).map_err(|e| usage(format!("invalid {name} URL: {e}")))
+}
+
+fn validate(raw: RawArgs) -> Result<Config> {
+    let ignore = match raw.ignore {
+        None => None,
+        Some(re) => Some(Regex::new(&format!("^(?:{re})$")).map_err(|e| {
+            let first = e.to_string().lines().next().unwrap_or_default().to_string();
+            usage(format!("--src-ignore-keys-regex does not compile: {first}"))
+        })?),
+    };
+    let port = match raw.port {
+        None => 8000,
+        Some(p) => p
+            .parse::<u16>()
+            .map_err(|_| usage(format!("--port takes a port number 0-65535, got {p:?}")))?,
+    };
+    if raw.dry_run && !raw.reload {
+        return Err(usage("--dry-run only makes sense with --reload".into()));
+    }
+    if raw.force && !raw.reload {
+        return Err(usage("--force only makes sense with --reload".into()));
+    }
+    let keys = KeyMap {
+        src_prefix: prefix("--src-prefix", raw.src_prefix, "/")?,
+        dst_prefix: prefix("--dst-prefix", raw.dst_prefix, "/replica")?,
+        strip: raw.strip,
+        ignore,
+    };
+    let watch_timeout = seconds("--watch-timeout", raw.watch_timeout, 1.0)?;
+    let retry_timeout = seconds("--retry-timeout", raw.retry_timeout, 60.0)?;
+    let (src, dst) = match raw.positional.as_slice() {
+        [s, d] => (endpoint("SRC", s)?, endpoint("DST", d)?),
+        [] | [_] => {
+            return Err(usage(
+                "missing argument: etcdmirror [OPTIONS] SRC DST (see --help)".into(),
+            ))
+        }
+        [_, _, extra, ..] => {
+            return Err(usage(format!(
+                "unexpected argument {extra:?}: only SRC and DST are positional"
+            )))
+        }
+    };
+    Ok(Config {
+        src,
+        dst,
+        keys,
+        reload: raw.reload,
+        dry_run: raw.dry_run,
+        force: raw.force,
+        debug: raw.debug,
+        port,
+        watch_timeout,
+        retry_timeout,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Config {
+        match parse(args.iter().copied()).unwrap() {
+            Command::Run(c) => c,
+            other => panic!("expected a run, got {other:?}"),
+        }
+    }
+
+    fn usage_error(args: &[&str]) -> String {
+        match parse(args.iter().copied()) {
+            Err(Error::Usage(m)) => {
+                assert!(!m.contains('\n'), "one line: {m}");
+                m
+            }
+            other => panic!("expected a usage error for {args:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_old_tool() {
+        let c = run(&["http://a:2379", "http://b:2379"]);
+        assert_eq!(c.keys.src_prefix, "/");
+        assert_eq!(c.keys.dst_prefix, "/replica");
+        assert!(!c.keys.strip && !c.reload && !c.debug);
+        assert_eq!(c.port, 8000);
+        assert_eq!(c.watch_timeout, Duration::from_secs(1));
+        assert_eq!(c.retry_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn all_flags() {
+        let c = run(&[
+            "-d",
+            "--strip",
+            "--src-prefix",
+            "/conftool/",
+            "--dst-prefix=/",
+            "--src-ignore-keys-regex",
+            "/conftool/x(/.*)?",
+            "--reload",
+            "--dry-run",
+            "--force",
+            "--port",
+            "0",
+            "--watch-timeout",
+            "0.25",
+            "--retry-timeout",
+            "5",
+            "https://u:p@a:1",
+            "http://b:2",
+        ]);
+        assert!(c.debug && c.keys.strip && c.reload && c.dry_run && c.force);
+        assert_eq!(c.keys.src_prefix, "/conftool");
+        assert_eq!(c.keys.dst_prefix, "/");
+        assert_eq!(c.port, 0);
+        assert_eq!(c.watch_timeout, Duration::from_millis(250));
+        let re = c.keys.ignore.unwrap();
+        assert!(re.is_match("/conftool/x/y") && !re.is_match("/conftool/xy"));
+        assert_eq!(c.src.base, "https://a:1");
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert!(matches!(parse(["--help"]), Ok(Command::Help)));
+        assert!(matches!(parse(["-h", "x"]), Ok(Command::Help)));
+        assert!(matches!(parse(["--version"]), Ok(Command::Version)));
+        assert!(HELP.contains("5  another writer"));
+    }
+
+    #[test]
+    fn bad_input_names_the_flag() {
+        let ok = ["http://a:1", "http://b:2"];
+        let with = |extra: &[&str]| {
+            let mut v: Vec<&str> = extra.to_vec();
+            v.extend(ok);
+            usage_error(&v)
+        };
+        assert!(with(&["--bogus"]).contains("--bogus"));
+        assert!(with(&["--src-prefix", "conftool"]).contains("--src-prefix"));
+        assert!(with(&["--dst-prefix", "x/"]).contains("--dst-prefix"));
+        assert!(with(&["--src-ignore-keys-regex", "(unclosed"]).contains("--src-ignore-keys-regex"));
+        assert!(with(&["--port", "abc"]).contains("--port"));
+        assert!(with(&["--port", "70000"]).contains("--port"));
+        assert!(with(&["--watch-timeout", "0"]).contains("--watch-timeout"));
+        assert!(with(&["--retry-timeout", "x"]).contains("--retry-timeout"));
+        assert!(with(&["--dry-run"]).contains("--reload"));
+        assert!(with(&["--port"]).contains("--port"));
+        assert!(usage_error(&["http://a:1"]).contains("missing"));
+        assert!(usage_error(&["http://a:1", "b:2"]).contains("DST"));
+        assert!(usage_error(&["ftp://a", "http://b:2"]).contains("SRC"));
+        assert!(usage_error(&["http://a:1", "http://b:2", "c"]).contains("\"c\""));
+    }
+
+    #[test]
+    fn url_errors_do_not_leak_passwords() {
+        let m = usage_error(&["http://u:hunter2@a:x", "http://b:2"]);
+        assert!(!m.contains("hunter2"), "{m}");
+    }
+}

@@ -1,0 +1,89 @@
+//! The one error type: each variant is a decision the caller must make, and maps to an exit code.
+
+use std::fmt;
+
+/// Everything that stops the mirror, grouped by what an operator has to do about it.
+#[derive(Debug)]
+pub enum Error {
+    /// Bad command line or configuration, or a refused `--reload`: fix the invocation.
+    Usage(String),
+    /// The network or a server failed for longer than the retry budget: safe to restart.
+    Transient(String),
+    /// The destination does not hold the state the source event started from.
+    Inconsistency {
+        key: String,
+        source: String,
+        destination: String,
+    },
+    /// The source no longer has the events after our index: only `--reload` recovers.
+    IndexCleared(String),
+    /// Somebody else moved the replication index under us.
+    OtherWriter(String),
+}
+
+impl Error {
+    /// The process exit code for this error; the README and `--help` list the same table.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Transient(_) => 1,
+            Error::Usage(_) => 2,
+            Error::Inconsistency { .. } => 3,
+            Error::IndexCleared(_) => 4,
+            Error::OtherWriter(_) => 5,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Usage(m) => write!(f, "{m}"),
+            Error::Transient(m) => write!(f, "giving up after transient failures: {m}"),
+            Error::Inconsistency {
+                key,
+                source,
+                destination,
+            } => write!(
+                f,
+                "inconsistency at {key}: the source had {source} before this event, \
+                 the destination has {destination}; nothing more was written \
+                 (fix the key by hand, or run with --reload --dry-run, then --reload)"
+            ),
+            Error::IndexCleared(m) => write!(
+                f,
+                "{m}: the source no longer holds the events after the replication index; \
+                 restart with --reload (try --reload --dry-run first)"
+            ),
+            Error::OtherWriter(m) => write!(
+                f,
+                "another writer is active on the destination: {m}; \
+                 stop the other etcdmirror before restarting this one"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Shorthand used across the crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_match_the_readme_table() {
+        assert_eq!(Error::Transient(String::new()).exit_code(), 1);
+        assert_eq!(Error::Usage(String::new()).exit_code(), 2);
+        let inc = Error::Inconsistency {
+            key: "/k".into(),
+            source: "value \"a\"".into(),
+            destination: "no key".into(),
+        };
+        assert_eq!(inc.exit_code(), 3);
+        assert!(inc.to_string().contains("/k"));
+        assert_eq!(Error::IndexCleared(String::new()).exit_code(), 4);
+        assert_eq!(Error::OtherWriter(String::new()).exit_code(), 5);
+    }
+}

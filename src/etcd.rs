@@ -1,0 +1,563 @@
+//! The etcd v2 HTTP client: requests, response parsing, and retrying transient faults.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use log::warn;
+use serde_json::Value;
+
+use crate::endpoint::Endpoint;
+use crate::error::{Error, Result};
+
+/// etcd error codes the mirror branches on.
+pub const KEY_NOT_FOUND: u64 = 100;
+pub const EVENT_INDEX_CLEARED: u64 = 401;
+
+/// A key or directory as etcd returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub key: String,
+    /// `None` for a directory.
+    pub value: Option<String>,
+    pub modified_index: u64,
+    pub nodes: Vec<Node>,
+}
+
+impl Node {
+    pub fn is_dir(&self) -> bool {
+        self.value.is_none()
+    }
+
+    fn from_json(v: &Value) -> std::result::Result<Node, String> {
+        let obj = v.as_object().ok_or("node is not an object")?;
+        let key = obj
+            .get("key")
+            .and_then(Value::as_str)
+            .unwrap_or("/")
+            .to_string();
+        let dir = obj.get("dir").and_then(Value::as_bool).unwrap_or(false);
+        let value = match obj.get("value") {
+            _ if dir => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            // An expired or deleted value node carries no value; it is still not a dir.
+            None => Some(String::new()),
+            Some(other) => return Err(format!("value of {key} is not a string: {other}")),
+        };
+        let nodes = match obj.get("nodes") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(Node::from_json)
+                .collect::<std::result::Result<_, _>>()?,
+            _ => Vec::new(),
+        };
+        Ok(Node {
+            modified_index: obj
+                .get("modifiedIndex")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            key,
+            value,
+            nodes,
+        })
+    }
+
+    /// Every node below this one, depth first (this node excluded).
+    pub fn descendants(&self) -> Vec<&Node> {
+        let mut out = Vec::new();
+        let mut stack: Vec<&Node> = self.nodes.iter().rev().collect();
+        while let Some(n) = stack.pop() {
+            out.push(n);
+            stack.extend(n.nodes.iter().rev());
+        }
+        out
+    }
+}
+
+/// One watch event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub action: String,
+    pub node: Node,
+    /// The node's state before the event, when it existed.
+    pub prev: Option<Node>,
+}
+
+impl Event {
+    /// Parse a watch response body.
+    pub fn parse(body: &[u8]) -> std::result::Result<Event, String> {
+        let v: Value =
+            serde_json::from_slice(body).map_err(|e| format!("malformed event JSON: {e}"))?;
+        let action = v
+            .get("action")
+            .and_then(Value::as_str)
+            .ok_or("event without an action")?;
+        let node = Node::from_json(v.get("node").ok_or("event without a node")?)?;
+        let prev = match v.get("prevNode") {
+            Some(p) if !p.is_null() => Some(Node::from_json(p)?),
+            _ => None,
+        };
+        Ok(Event {
+            action: action.to_string(),
+            node,
+            prev,
+        })
+    }
+}
+
+/// The pre-state a conditional write asserts; etcd checks it atomically.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cond {
+    /// No condition: used only where the state was just read and checked.
+    None,
+    /// `prevExist=false`.
+    Absent,
+    /// `prevValue=…` (never empty: etcd refuses an empty prevValue).
+    Value(String),
+    /// `prevIndex=…`.
+    Index(u64),
+}
+
+/// How a write ended when the server answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    Done,
+    /// The server refused it, normally because the condition did not hold.
+    Rejected {
+        code: u64,
+        message: String,
+    },
+}
+
+/// Result of one watch round trip.
+#[derive(Debug)]
+pub enum Watch {
+    /// An event, and the store index the server reported.
+    Event(Event, Option<u64>),
+    /// No event under the prefix up to this store index (the index at registration).
+    Quiet(Option<u64>),
+    /// The requested index has left the source's history.
+    Cleared(String),
+}
+
+/// What a GET found, with the response's store index and cluster id.
+#[derive(Debug)]
+pub struct Got {
+    pub node: Option<Node>,
+    pub index: u64,
+    pub cluster_id: Option<String>,
+}
+
+/// What one attempt of a request produced.
+enum Attempt<T> {
+    Retry(String),
+    Fatal(Error),
+    Ok(T),
+}
+
+/// A client for one cluster. Connections are kept alive and reused.
+pub struct Client {
+    agent: ureq::Agent,
+    endpoint: Endpoint,
+    retry_timeout: Duration,
+}
+
+/// Percent-encode everything but unreserved characters (and `/` when `keep_slash`).
+pub fn encode(s: &str, keep_slash: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || (keep_slash && b == b'/') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn cond_params(cond: &Cond, params: &mut Vec<(&'static str, String)>) {
+    match cond {
+        Cond::None => {}
+        Cond::Absent => params.push(("prevExist", "false".into())),
+        Cond::Value(v) => params.push(("prevValue", v.clone())),
+        Cond::Index(i) => params.push(("prevIndex", i.to_string())),
+    }
+}
+
+fn form(params: &[(&str, String)]) -> String {
+    params
+        .iter()
+        .map(|(k, v)| format!("{k}={}", encode(v, false)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn header_u64(resp: &ureq::http::Response<ureq::Body>, name: &str) -> Option<u64> {
+    resp.headers().get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+fn read_body(
+    resp: &mut ureq::http::Response<ureq::Body>,
+) -> std::result::Result<Vec<u8>, ureq::Error> {
+    let mut buf = Vec::new();
+    resp.body_mut()
+        .as_reader()
+        .read_to_end(&mut buf)
+        .map_err(ureq::Error::from)?;
+    Ok(buf)
+}
+
+fn is_timeout(e: &ureq::Error) -> bool {
+    match e {
+        ureq::Error::Timeout(_) => true,
+        ureq::Error::Io(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+        ),
+        _ => false,
+    }
+}
+
+/// `(errorCode, message)` from an etcd error body, if it is one.
+fn etcd_error(body: &[u8]) -> Option<(u64, String)> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let code = v.get("errorCode")?.as_u64()?;
+    let msg = v.get("message").and_then(Value::as_str).unwrap_or("");
+    let cause = v.get("cause").and_then(Value::as_str).unwrap_or("");
+    Some((code, format!("{msg} ({cause})")))
+}
+
+impl Client {
+    /// A client that retries transient faults for up to `retry_timeout`.
+    pub fn new(endpoint: &Endpoint, retry_timeout: Duration) -> Client {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .timeout_connect(Some(Duration::from_secs(5)))
+            .timeout_send_request(Some(Duration::from_secs(10)))
+            .timeout_send_body(Some(Duration::from_secs(10)))
+            .timeout_recv_response(Some(Duration::from_secs(30)))
+            .timeout_recv_body(Some(Duration::from_secs(120)))
+            .user_agent(concat!("etcdmirror/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        Client {
+            agent,
+            endpoint: endpoint.clone(),
+            retry_timeout,
+        }
+    }
+
+    /// The cluster's URL without credentials, for messages.
+    pub fn name(&self) -> &str {
+        &self.endpoint.base
+    }
+
+    fn url(&self, key: &str, query: &[(&str, String)]) -> String {
+        let mut url = format!("{}/v2/keys{}", self.endpoint.base, encode(key, true));
+        if !query.is_empty() {
+            url.push('?');
+            url.push_str(&form(query));
+        }
+        url
+    }
+
+    fn request(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<String>,
+        body_timeout: Option<Duration>,
+    ) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+        let mut req = ureq::http::Request::builder().method(method).uri(url);
+        if let Some(auth) = &self.endpoint.auth {
+            req = req.header("Authorization", auth);
+        }
+        let req = match &body {
+            Some(_) => req.header("Content-Type", "application/x-www-form-urlencoded"),
+            None => req,
+        };
+        let req = req
+            .body(body.unwrap_or_default())
+            .map_err(ureq::Error::from)?;
+        let mut req = self.agent.configure_request(req);
+        if let Some(t) = body_timeout {
+            req = req.timeout_recv_body(Some(t));
+        }
+        self.agent.run(req.build())
+    }
+
+    /// Run `attempt` until it succeeds, fails for good, or transient faults outlast the budget.
+    /// The flag tells whether any attempt was retried (so a write may have landed already).
+    fn retrying<T>(
+        &self,
+        what: &str,
+        mut attempt: impl FnMut() -> Attempt<T>,
+    ) -> Result<(T, bool)> {
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(50);
+        let mut retried = false;
+        loop {
+            match attempt() {
+                Attempt::Ok(v) => return Ok((v, retried)),
+                Attempt::Fatal(e) => return Err(e),
+                Attempt::Retry(why) => {
+                    if start.elapsed() + delay > self.retry_timeout {
+                        return Err(Error::Transient(format!(
+                            "{what} on {}: {why}",
+                            self.name()
+                        )));
+                    }
+                    warn!(
+                        "{what} on {} failed ({why}); retrying in {delay:?}",
+                        self.name()
+                    );
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    retried = true;
+                }
+            }
+        }
+    }
+
+    /// One request/response exchange; transient faults become `Retry`.
+    fn exchange(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<String>,
+    ) -> Attempt<(u16, Vec<u8>, Got)> {
+        let mut resp = match self.request(method, url, body, None) {
+            Ok(r) => r,
+            Err(e) => return Attempt::Retry(e.to_string()),
+        };
+        let status = resp.status().as_u16();
+        let index = header_u64(&resp, "x-etcd-index").unwrap_or(0);
+        let cluster_id = resp
+            .headers()
+            .get("x-etcd-cluster-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = match read_body(&mut resp) {
+            Ok(b) => b,
+            Err(e) => return Attempt::Retry(format!("reading the response: {e}")),
+        };
+        if status >= 500 {
+            return Attempt::Retry(format!(
+                "HTTP {status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            ));
+        }
+        let got = Got {
+            node: None,
+            index,
+            cluster_id,
+        };
+        Attempt::Ok((status, body, got))
+    }
+
+    /// GET a key (recursively when asked). A missing key is `node: None`.
+    pub fn get(&self, key: &str, recursive: bool) -> Result<Got> {
+        let query: Vec<(&str, String)> = if recursive {
+            vec![("recursive", "true".into()), ("sorted", "true".into())]
+        } else {
+            Vec::new()
+        };
+        let url = self.url(key, &query);
+        let what = format!("GET {key}");
+        let (got, _) = self.retrying(&what, || match self.exchange("GET", &url, None) {
+            Attempt::Ok((status, body, mut got)) => {
+                if status == 200 {
+                    let parsed = serde_json::from_slice::<Value>(&body)
+                        .map_err(|e| e.to_string())
+                        .and_then(|v| {
+                            Node::from_json(v.get("node").ok_or("no node in the response")?)
+                        });
+                    match parsed {
+                        Ok(n) => got.node = Some(n),
+                        Err(e) => return Attempt::Retry(format!("malformed response: {e}")),
+                    }
+                    Attempt::Ok(got)
+                } else {
+                    match etcd_error(&body) {
+                        Some((KEY_NOT_FOUND, _)) => Attempt::Ok(got),
+                        Some((code, msg)) => Attempt::Fatal(Error::Usage(format!(
+                            "GET {key} on {} failed: etcd error {code}: {msg}",
+                            self.name()
+                        ))),
+                        None => Attempt::Retry(format!("HTTP {status} without an etcd error body")),
+                    }
+                }
+            }
+            Attempt::Retry(w) => Attempt::Retry(w),
+            Attempt::Fatal(e) => Attempt::Fatal(e),
+        })?;
+        Ok(got)
+    }
+
+    fn write(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<String>,
+        what: &str,
+    ) -> Result<(Written, bool)> {
+        self.retrying(what, || match self.exchange(method, url, body.clone()) {
+            Attempt::Ok((status, body, _)) => {
+                if (200..300).contains(&status) {
+                    Attempt::Ok(Written::Done)
+                } else {
+                    match etcd_error(&body) {
+                        Some((code, message)) => Attempt::Ok(Written::Rejected { code, message }),
+                        None => Attempt::Retry(format!("HTTP {status} without an etcd error body")),
+                    }
+                }
+            }
+            other => other_attempt(other),
+        })
+    }
+
+    /// PUT a value (or a directory when `value` is `None`) under a condition.
+    /// The flag tells whether the request was retried after a transient fault.
+    pub fn put(&self, key: &str, value: Option<&str>, cond: &Cond) -> Result<(Written, bool)> {
+        let mut params = match value {
+            Some(v) => vec![("value", v.to_string())],
+            None => vec![("dir", "true".to_string())],
+        };
+        cond_params(cond, &mut params);
+        let url = self.url(key, &[]);
+        self.write("PUT", &url, Some(form(&params)), &format!("PUT {key}"))
+    }
+
+    /// DELETE a value, or a directory (`dir`), recursively when asked, under a condition.
+    pub fn delete(
+        &self,
+        key: &str,
+        dir: bool,
+        recursive: bool,
+        cond: &Cond,
+    ) -> Result<(Written, bool)> {
+        let mut params = Vec::new();
+        if dir {
+            params.push(("dir", "true".to_string()));
+        }
+        if recursive {
+            params.push(("recursive", "true".to_string()));
+        }
+        cond_params(cond, &mut params);
+        let url = self.url(key, &params);
+        self.write("DELETE", &url, None, &format!("DELETE {key}"))
+    }
+
+    /// One long-poll watch from `wait_index`, given up after `poll` without an event.
+    pub fn watch(&self, prefix: &str, wait_index: u64, poll: Duration) -> Result<Watch> {
+        let query = [
+            ("wait", "true".to_string()),
+            ("recursive", "true".to_string()),
+            ("waitIndex", wait_index.to_string()),
+        ];
+        let url = self.url(prefix, &query);
+        let what = format!("watch {prefix} from {wait_index}");
+        let (w, _) = self.retrying(&what, || {
+            let mut resp = match self.request("GET", &url, None, Some(poll)) {
+                Ok(r) => r,
+                Err(e) => return Attempt::Retry(e.to_string()),
+            };
+            let status = resp.status().as_u16();
+            let index = header_u64(&resp, "x-etcd-index");
+            let body = match read_body(&mut resp) {
+                Ok(b) => b,
+                Err(e) if is_timeout(&e) && status == 200 => {
+                    return Attempt::Ok(Watch::Quiet(index))
+                }
+                Err(e) => return Attempt::Retry(format!("reading the watch response: {e}")),
+            };
+            if status >= 500 {
+                return Attempt::Retry(format!("HTTP {status}"));
+            }
+            if status != 200 {
+                return match etcd_error(&body) {
+                    Some((EVENT_INDEX_CLEARED, msg)) => Attempt::Ok(Watch::Cleared(msg)),
+                    Some((code, msg)) => Attempt::Fatal(Error::Usage(format!(
+                        "{what} on {} refused: etcd error {code}: {msg}",
+                        self.name()
+                    ))),
+                    None => Attempt::Retry(format!("HTTP {status} without an etcd error body")),
+                };
+            }
+            if body.iter().all(u8::is_ascii_whitespace) {
+                return Attempt::Ok(Watch::Quiet(index));
+            }
+            match Event::parse(&body) {
+                Ok(ev) => Attempt::Ok(Watch::Event(ev, index)),
+                Err(e) => Attempt::Retry(e),
+            }
+        })?;
+        Ok(w)
+    }
+}
+
+fn other_attempt<A, B>(a: Attempt<A>) -> Attempt<B> {
+    match a {
+        Attempt::Retry(w) => Attempt::Retry(w),
+        Attempt::Fatal(e) => Attempt::Fatal(e),
+        Attempt::Ok(_) => unreachable!("handled by the caller"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_keys_and_form_values() {
+        assert_eq!(encode("/z/sp ace?q", true), "/z/sp%20ace%3Fq");
+        assert_eq!(encode("a&b=c+%#/", false), "a%26b%3Dc%2B%25%23%2F");
+        assert_eq!(encode("é", false), "%C3%A9");
+        let mut p = vec![("value", "x y".to_string())];
+        cond_params(&Cond::Value("a&b".into()), &mut p);
+        cond_params(&Cond::Absent, &mut p);
+        assert_eq!(form(&p), "value=x%20y&prevValue=a%26b&prevExist=false");
+    }
+
+    #[test]
+    fn parses_events() {
+        let body = br#"{"action":"compareAndSwap","node":{"key":"/a","value":"2","modifiedIndex":9,"createdIndex":8},"prevNode":{"key":"/a","value":"1","modifiedIndex":8,"createdIndex":8}}"#;
+        let e = Event::parse(body).unwrap();
+        assert_eq!(e.action, "compareAndSwap");
+        assert_eq!(e.node.value.as_deref(), Some("2"));
+        assert_eq!(e.node.modified_index, 9);
+        assert_eq!(e.prev.unwrap().value.as_deref(), Some("1"));
+
+        let dir = br#"{"action":"delete","node":{"key":"/d","dir":true,"modifiedIndex":5,"createdIndex":3},"prevNode":{"key":"/d","dir":true,"modifiedIndex":3,"createdIndex":3}}"#;
+        let e = Event::parse(dir).unwrap();
+        assert!(e.node.is_dir() && e.prev.unwrap().is_dir());
+
+        let expired = br#"{"action":"expire","node":{"key":"/t","modifiedIndex":7,"createdIndex":6},"prevNode":{"key":"/t","value":"","modifiedIndex":6,"createdIndex":6,"expiration":"x","ttl":1}}"#;
+        let e = Event::parse(expired).unwrap();
+        assert!(!e.node.is_dir());
+        assert_eq!(e.prev.unwrap().value.as_deref(), Some(""));
+
+        assert!(Event::parse(b"{not json").is_err());
+        assert!(Event::parse(br#"{"node":{}}"#).is_err());
+    }
+
+    #[test]
+    fn parses_error_bodies() {
+        let b = br#"{"errorCode":401,"message":"The event in requested index is outdated and cleared","cause":"the requested history has been cleared [5/3]","index":1004}"#;
+        let (code, msg) = etcd_error(b).unwrap();
+        assert_eq!(code, EVENT_INDEX_CLEARED);
+        assert!(msg.contains("cleared [5/3]"));
+        assert_eq!(etcd_error(b"<html>"), None);
+    }
+
+    #[test]
+    fn descendants_are_depth_first() {
+        let v: Value = serde_json::from_str(
+            r#"{"key":"/r","dir":true,"nodes":[{"key":"/r/a","dir":true,"nodes":[{"key":"/r/a/x","value":"1"}]},{"key":"/r/b","value":""}]}"#,
+        )
+        .unwrap();
+        let n = Node::from_json(&v).unwrap();
+        let keys: Vec<&str> = n.descendants().iter().map(|n| n.key.as_str()).collect();
+        assert_eq!(keys, ["/r/a", "/r/a/x", "/r/b"]);
+    }
+}

@@ -1,0 +1,223 @@
+//! Key mapping: which source keys are mirrored, where they land, and where the index lives.
+
+use regex_lite::Regex;
+
+/// Where the replication index of a destination prefix is stored.
+pub const REPLICATION_DIR: &str = "/__replication";
+
+/// What to do with a source key.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Mirror it to this destination key.
+    Mirror(String),
+    /// The key is the src prefix itself or one of its ancestors: the whole mirrored
+    /// subtree is affected (a recursive delete or expiry of a parent).
+    Subtree,
+    /// Not mirrored, with the reason for the debug log.
+    Skip(&'static str),
+}
+
+/// The pure mapping between source and destination keyspaces.
+#[derive(Debug, Clone)]
+pub struct KeyMap {
+    /// Source prefix, normalised: "/" or "/a/b" without a trailing slash.
+    pub src_prefix: String,
+    /// Destination prefix, normalised like `src_prefix`.
+    pub dst_prefix: String,
+    /// Remove the source prefix before adding the destination prefix.
+    pub strip: bool,
+    /// Source keys that are watched but never written; compiled anchored (`^(?:RE)$`)
+    /// so that it is a full match, as the old tool's `re.fullmatch`.
+    pub ignore: Option<Regex>,
+}
+
+/// Trim trailing slashes and collapse repeated ones; "" and "///" become "/".
+pub fn normalize_prefix(prefix: &str) -> String {
+    let parts: Vec<&str> = prefix.split('/').filter(|s| !s.is_empty()).collect();
+    format!("/{}", parts.join("/"))
+}
+
+/// Join two absolute paths without ever producing a double slash.
+pub fn join(base: &str, rest: &str) -> String {
+    let base = base.trim_end_matches('/');
+    let rest = rest.trim_start_matches('/');
+    match (base.is_empty(), rest.is_empty()) {
+        (true, true) => "/".to_string(),
+        (true, false) => format!("/{rest}"),
+        (false, true) => base.to_string(),
+        (false, false) => format!("{base}/{rest}"),
+    }
+}
+
+/// The part of `key` below `prefix` (starting with "/", or "" for the prefix itself),
+/// if `prefix` is a whole-segment prefix of `key`.
+pub fn below<'a>(key: &'a str, prefix: &str) -> Option<&'a str> {
+    if prefix == "/" {
+        return Some(if key == "/" { "" } else { key });
+    }
+    let rest = key.strip_prefix(prefix)?;
+    (rest.is_empty() || rest.starts_with('/')).then_some(rest)
+}
+
+impl KeyMap {
+    /// The destination key holding the replication index for this destination prefix.
+    pub fn index_key(&self) -> String {
+        if self.dst_prefix == "/" {
+            format!("{REPLICATION_DIR}/__ROOT__")
+        } else {
+            join(REPLICATION_DIR, &self.dst_prefix)
+        }
+    }
+
+    /// The destination key that mirrors the source prefix itself.
+    pub fn dst_root(&self) -> String {
+        if self.strip {
+            self.dst_prefix.clone()
+        } else {
+            join(&self.dst_prefix, &self.src_prefix)
+        }
+    }
+
+    /// Map a source key that is known to be at or below the source prefix.
+    fn map_below(&self, rest: &str) -> String {
+        join(&self.dst_root(), rest)
+    }
+
+    /// Decide what happens to an event on source key `key`.
+    pub fn route(&self, key: &str) -> Route {
+        let Some(rest) = below(key, &self.src_prefix) else {
+            return if below(&self.src_prefix, key).is_some() {
+                Route::Subtree
+            } else {
+                Route::Skip("outside the source prefix")
+            };
+        };
+        if rest.is_empty() {
+            return Route::Subtree;
+        }
+        if below(key, REPLICATION_DIR).is_some() {
+            return Route::Skip("replication state of the source");
+        }
+        if rest.split('/').any(|seg| seg.starts_with('_')) {
+            return Route::Skip("hidden key");
+        }
+        if self.ignore.as_ref().is_some_and(|re| re.is_match(key)) {
+            return Route::Skip("matches --src-ignore-keys-regex");
+        }
+        Route::Mirror(self.map_below(rest))
+    }
+
+    /// The source key a destination key below `dst_root()` mirrors (used by `--reload`).
+    pub fn source_of(&self, dst_key: &str) -> Option<String> {
+        below(dst_key, &self.dst_root()).map(|rest| join(&self.src_prefix, rest))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(src: &str, dst: &str, strip: bool, ignore: Option<&str>) -> KeyMap {
+        KeyMap {
+            src_prefix: normalize_prefix(src),
+            dst_prefix: normalize_prefix(dst),
+            strip,
+            ignore: ignore.map(|r| Regex::new(&format!("^(?:{r})$")).unwrap()),
+        }
+    }
+
+    fn mirror(k: &str) -> Route {
+        Route::Mirror(k.to_string())
+    }
+
+    #[test]
+    fn default_mapping_prepends_the_destination_prefix() {
+        let m = map("/", "/replica", false, None);
+        assert_eq!(m.route("/conftool/a"), mirror("/replica/conftool/a"));
+        assert_eq!(m.index_key(), "/__replication/replica");
+    }
+
+    #[test]
+    fn strip_removes_the_source_prefix() {
+        let m = map("/conftool", "/x/", true, None);
+        assert_eq!(m.route("/conftool/a/b"), mirror("/x/a/b"));
+        assert_eq!(
+            m.route("/conftool2/a"),
+            Route::Skip("outside the source prefix")
+        );
+        assert_eq!(m.route("/conftool"), Route::Subtree);
+        assert_eq!(m.route("/"), Route::Subtree);
+        assert_eq!(m.index_key(), "/__replication/x");
+        assert_eq!(m.source_of("/x/a/b").as_deref(), Some("/conftool/a/b"));
+        assert_eq!(m.source_of("/xy/a"), None);
+    }
+
+    #[test]
+    fn root_prefixes_never_give_double_slashes() {
+        let m = map("/", "/", false, None);
+        assert_eq!(m.route("/a"), mirror("/a"));
+        assert_eq!(m.index_key(), "/__replication/__ROOT__");
+        let m = map("/a", "/", true, None);
+        assert_eq!(m.route("/a/b"), mirror("/b"));
+        assert_eq!(m.dst_root(), "/");
+        assert_eq!(m.source_of("/b").as_deref(), Some("/a/b"));
+        let m = map("/a", "/", false, None);
+        assert_eq!(m.route("/a/b"), mirror("/a/b"));
+        let m = map("/", "/r", true, None);
+        assert_eq!(m.route("/a/b"), mirror("/r/a/b"));
+    }
+
+    #[test]
+    fn nested_destination_prefix_index_key() {
+        assert_eq!(
+            map("/", "/a/b//", false, None).index_key(),
+            "/__replication/a/b"
+        );
+    }
+
+    #[test]
+    fn hidden_and_replication_keys_are_skipped() {
+        let m = map("/", "/replica", false, None);
+        assert_eq!(
+            m.route("/__replication/x"),
+            Route::Skip("replication state of the source")
+        );
+        assert_eq!(m.route("/a/_hidden/b"), Route::Skip("hidden key"));
+        assert_eq!(m.route("/a/b_c"), mirror("/replica/a/b_c"));
+        // A hidden segment *above* the prefix is the operator's choice, not a hidden key.
+        let m = map("/_p", "/r", true, None);
+        assert_eq!(m.route("/_p/a"), mirror("/r/a"));
+    }
+
+    #[test]
+    fn ignore_regex_is_a_full_match_on_the_source_key() {
+        let m = map("/", "/", false, Some("/spicerack/locks/etcd(/.*)?"));
+        assert_eq!(
+            m.route("/spicerack/locks/etcd/x"),
+            Route::Skip("matches --src-ignore-keys-regex")
+        );
+        assert_eq!(
+            m.route("/spicerack/locks/etcd"),
+            Route::Skip("matches --src-ignore-keys-regex")
+        );
+        assert_eq!(
+            m.route("/spicerack/locks/etcdx"),
+            mirror("/spicerack/locks/etcdx")
+        );
+        assert_eq!(
+            m.route("/a/spicerack/locks/etcd"),
+            mirror("/a/spicerack/locks/etcd")
+        );
+    }
+
+    #[test]
+    fn normalize_and_join() {
+        assert_eq!(normalize_prefix("/a//b/"), "/a/b");
+        assert_eq!(normalize_prefix("/"), "/");
+        assert_eq!(join("/", "/"), "/");
+        assert_eq!(join("/a/", "/b"), "/a/b");
+        assert_eq!(below("/a/b", "/a"), Some("/b"));
+        assert_eq!(below("/ab", "/a"), None);
+        assert_eq!(below("/a", "/a"), Some(""));
+    }
+}

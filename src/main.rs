@@ -1,0 +1,73 @@
+//! Entry point: parse the command line, run, and map the outcome to an exit code in one place.
+
+mod cli;
+mod endpoint;
+mod error;
+mod etcd;
+mod keys;
+mod mirror;
+mod plan;
+mod reload;
+
+use std::process::ExitCode;
+
+use cli::{Command, Config};
+use error::{Error, Result};
+use etcd::Client;
+
+fn init_logging(debug: bool) {
+    let default = if debug { "debug" } else { "info" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        .format_target(false)
+        .init();
+}
+
+fn run(cfg: &Config) -> Result<()> {
+    let src = Client::new(&cfg.src, cfg.retry_timeout);
+    let dst = Client::new(&cfg.dst, cfg.retry_timeout);
+    let index = if cfg.reload {
+        match reload::reload(cfg, &src, &dst)? {
+            Some(index) => index,
+            None => return Ok(()),
+        }
+    } else {
+        let key = cfg.keys.index_key();
+        let (index, _) = mirror::read_index(&dst, &key)?.ok_or_else(|| {
+            Error::Usage(format!(
+                "no replication index at {key} on {}: the destination was never loaded; run with --reload",
+                dst.name()
+            ))
+        })?;
+        log::info!("Current index read from {key}");
+        index
+    };
+    mirror::Mirror::new(cfg, &src, &dst, index).run()
+}
+
+fn main() -> ExitCode {
+    let outcome = cli::parse(std::env::args_os().skip(1)).and_then(|cmd| match cmd {
+        Command::Help => {
+            print!("{}", cli::HELP);
+            Ok(())
+        }
+        Command::Version => {
+            println!("etcdmirror {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Run(cfg) => {
+            init_logging(cfg.debug);
+            run(&cfg)
+        }
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if log::log_enabled!(log::Level::Error) {
+                log::error!("{e}");
+            } else {
+                eprintln!("etcdmirror: {e}");
+            }
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! What to write on the destination for one source event: a pure decision, tested here.
+
+use crate::etcd::{Event, Node};
+
+/// The state of one key, as the source saw it or the destination holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    Absent,
+    Value(String),
+    Dir,
+}
+
+impl State {
+    pub fn of(node: Option<&Node>) -> State {
+        match node {
+            None => State::Absent,
+            Some(n) => match &n.value {
+                None => State::Dir,
+                Some(v) => State::Value(v.clone()),
+            },
+        }
+    }
+
+    /// A short description for logs and inconsistency messages.
+    pub fn describe(&self) -> String {
+        match self {
+            State::Absent => "no key".to_string(),
+            State::Dir => "a directory".to_string(),
+            State::Value(v) if v.chars().count() > 200 => {
+                let head: String = v.chars().take(200).collect();
+                format!("value {head:?}… ({} bytes)", v.len())
+            }
+            State::Value(v) => format!("value {v:?}"),
+        }
+    }
+}
+
+/// One destination operation. `expect` is the pre-state the operation asserts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Write a value (`Some`) or create a directory (`None`).
+    Put {
+        key: String,
+        value: Option<String>,
+        expect: State,
+    },
+    /// Delete a value, or a directory with everything below it.
+    Delete { key: String, expect: State },
+    /// Nothing to write, but the destination must hold `expect`.
+    Check { key: String, expect: State },
+    /// The mirrored subtree rooted here is gone on the source: remove it entirely.
+    ClearSubtree { key: String },
+}
+
+/// The operations for one event and the destination state they lead to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+    /// The state of the key once the event is applied: how a restart recognises an event
+    /// that was applied just before a crash, without its index write.
+    pub post: State,
+}
+
+/// Plan an event on a mirrored key `dst`.
+pub fn plan_event(ev: &Event, dst: &str) -> Result<Plan, String> {
+    let pre = State::of(ev.prev.as_ref());
+    match ev.action.as_str() {
+        "delete" | "compareAndDelete" | "expire" => {
+            let was_dir = ev.node.is_dir() || pre == State::Dir;
+            let expect = if was_dir { State::Dir } else { pre };
+            let op = if dst == "/" {
+                Op::ClearSubtree {
+                    key: dst.to_string(),
+                }
+            } else {
+                Op::Delete {
+                    key: dst.to_string(),
+                    expect,
+                }
+            };
+            Ok(Plan {
+                ops: vec![op],
+                post: State::Absent,
+            })
+        }
+        "set" | "create" | "update" | "compareAndSwap" => {
+            let post = State::of(Some(&ev.node));
+            let key = dst.to_string();
+            let ops = match (&pre, &post) {
+                // The destination root always exists and cannot be written.
+                (_, State::Dir) if dst == "/" => vec![],
+                // A directory update only changes its TTL, which is not mirrored.
+                (State::Dir, State::Dir) => vec![Op::Check {
+                    key,
+                    expect: State::Dir,
+                }],
+                (State::Value(_), State::Dir) | (State::Dir, State::Value(_)) => vec![
+                    Op::Delete {
+                        key: key.clone(),
+                        expect: pre.clone(),
+                    },
+                    Op::Put {
+                        key,
+                        value: ev.node.value.clone(),
+                        expect: State::Absent,
+                    },
+                ],
+                _ => vec![Op::Put {
+                    key,
+                    value: ev.node.value.clone(),
+                    expect: pre.clone(),
+                }],
+            };
+            Ok(Plan { ops, post })
+        }
+        other => Err(format!("unknown action {other:?}")),
+    }
+}
+
+/// Plan an event on the source prefix's parent (a recursive delete or expiry above it).
+pub fn plan_subtree_event(ev: &Event, dst_root: &str) -> Plan {
+    match ev.action.as_str() {
+        "delete" | "compareAndDelete" | "expire" => Plan {
+            ops: vec![Op::ClearSubtree {
+                key: dst_root.to_string(),
+            }],
+            post: State::Absent,
+        },
+        // Creating a directory above the prefix leaves the mirrored subtree as it was.
+        _ => Plan {
+            ops: vec![],
+            post: State::Absent,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(key: &str, value: Option<&str>) -> Node {
+        Node {
+            key: key.into(),
+            value: value.map(str::to_string),
+            modified_index: 10,
+            nodes: vec![],
+        }
+    }
+
+    fn ev(action: &str, now: Option<&str>, prev: Option<Option<&str>>) -> Event {
+        Event {
+            action: action.into(),
+            node: node("/a", now),
+            prev: prev.map(|p| node("/a", p)),
+        }
+    }
+
+    fn put(value: Option<&str>, expect: State) -> Op {
+        Op::Put {
+            key: "/r/a".into(),
+            value: value.map(str::to_string),
+            expect,
+        }
+    }
+
+    #[test]
+    fn creates_assert_absence() {
+        for action in ["set", "create"] {
+            let p = plan_event(&ev(action, Some("v"), None), "/r/a").unwrap();
+            assert_eq!(p.ops, vec![put(Some("v"), State::Absent)]);
+            assert_eq!(p.post, State::Value("v".into()));
+        }
+        let p = plan_event(&ev("create", None, None), "/r/a").unwrap();
+        assert_eq!(p.ops, vec![put(None, State::Absent)]);
+        assert_eq!(p.post, State::Dir);
+    }
+
+    #[test]
+    fn overwrites_assert_the_previous_value_even_empty() {
+        for action in ["set", "update", "compareAndSwap"] {
+            let p = plan_event(&ev(action, Some("new"), Some(Some("old"))), "/r/a").unwrap();
+            assert_eq!(p.ops, vec![put(Some("new"), State::Value("old".into()))]);
+        }
+        let p = plan_event(&ev("set", Some(""), Some(Some(""))), "/r/a").unwrap();
+        assert_eq!(p.ops, vec![put(Some(""), State::Value(String::new()))]);
+    }
+
+    #[test]
+    fn deletes_assert_the_previous_state() {
+        for action in ["delete", "compareAndDelete", "expire"] {
+            let p = plan_event(&ev(action, Some(""), Some(Some("x"))), "/r/a").unwrap();
+            assert_eq!(
+                p.ops,
+                vec![Op::Delete {
+                    key: "/r/a".into(),
+                    expect: State::Value("x".into())
+                }]
+            );
+            assert_eq!(p.post, State::Absent);
+        }
+        let p = plan_event(&ev("delete", None, Some(None)), "/r/a").unwrap();
+        assert_eq!(
+            p.ops,
+            vec![Op::Delete {
+                key: "/r/a".into(),
+                expect: State::Dir
+            }]
+        );
+        let p = plan_event(&ev("delete", None, Some(None)), "/").unwrap();
+        assert_eq!(p.ops, vec![Op::ClearSubtree { key: "/".into() }]);
+    }
+
+    #[test]
+    fn directory_ttl_updates_only_check() {
+        let p = plan_event(&ev("update", None, Some(None)), "/r/a").unwrap();
+        assert_eq!(
+            p.ops,
+            vec![Op::Check {
+                key: "/r/a".into(),
+                expect: State::Dir
+            }]
+        );
+        let p = plan_event(&ev("create", None, None), "/").unwrap();
+        assert!(p.ops.is_empty());
+    }
+
+    #[test]
+    fn a_directory_replacing_a_value_deletes_then_creates() {
+        let p = plan_event(&ev("set", None, Some(Some("v"))), "/r/a").unwrap();
+        assert_eq!(
+            p.ops,
+            vec![
+                Op::Delete {
+                    key: "/r/a".into(),
+                    expect: State::Value("v".into())
+                },
+                put(None, State::Absent)
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_actions_are_refused() {
+        assert!(plan_event(&ev("get", Some("v"), None), "/r/a").is_err());
+    }
+
+    #[test]
+    fn parent_deletes_clear_the_subtree() {
+        let p = plan_subtree_event(&ev("delete", None, Some(None)), "/r/p");
+        assert_eq!(p.ops, vec![Op::ClearSubtree { key: "/r/p".into() }]);
+        assert!(plan_subtree_event(&ev("set", None, None), "/r/p")
+            .ops
+            .is_empty());
+    }
+
+    #[test]
+    fn descriptions_are_short() {
+        assert_eq!(State::Value("a\nb".into()).describe(), "value \"a\\nb\"");
+        assert!(State::Value("x".repeat(1000)).describe().len() < 260);
+    }
+}

@@ -1,0 +1,308 @@
+//! `--reload`: make the destination subtree an exact copy of the source by writing only the
+//! differences, each under a condition, so that readers never see the replica emptied.
+
+use std::collections::BTreeMap;
+
+use log::{info, warn};
+
+use crate::cli::Config;
+use crate::error::{Error, Result};
+use crate::etcd::{Client, Cond, Node, Written};
+use crate::keys::{below, Route, REPLICATION_DIR};
+use crate::mirror::read_index;
+
+/// A key as seen in a tree listing: a value, or a directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Dir,
+    Value(String),
+}
+
+impl Entry {
+    fn of(node: &Node) -> Entry {
+        match &node.value {
+            None => Entry::Dir,
+            Some(v) => Entry::Value(v.clone()),
+        }
+    }
+}
+
+/// What the reload will do, keyed by destination key. `modified` is the destination's
+/// modifiedIndex, used as the condition of updates and deletes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub creates: Vec<(String, Entry)>,
+    pub updates: Vec<(String, Entry, u64)>,
+    /// A value that becomes a directory or the reverse: deleted, then created.
+    pub replaces: Vec<(String, Entry, Entry, u64)>,
+    pub deletes: Vec<(String, Entry, u64)>,
+}
+
+impl Diff {
+    /// True when the plan deletes more than half of the destination's `existing` keys.
+    pub fn deletes_too_much(&self, existing: usize) -> bool {
+        let removed = self.deletes.len() + self.replaces.len();
+        existing > 0 && removed * 2 > existing
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "{} creates, {} updates, {} replaces, {} deletes",
+            self.creates.len(),
+            self.updates.len(),
+            self.replaces.len(),
+            self.deletes.len()
+        )
+    }
+}
+
+/// Compare the wanted tree with the destination's. Creates come parents first, deletes
+/// children first.
+pub fn diff(want: &BTreeMap<String, Entry>, have: &BTreeMap<String, (Entry, u64)>) -> Diff {
+    let mut d = Diff::default();
+    for (key, entry) in want {
+        match have.get(key) {
+            None => d.creates.push((key.clone(), entry.clone())),
+            Some((old, _)) if old == entry => {}
+            Some((old, mi)) if std::mem::discriminant(old) == std::mem::discriminant(entry) => {
+                d.updates.push((key.clone(), entry.clone(), *mi))
+            }
+            Some((old, mi)) => d
+                .replaces
+                .push((key.clone(), old.clone(), entry.clone(), *mi)),
+        }
+    }
+    for (key, (entry, mi)) in have.iter().rev() {
+        if !want.contains_key(key) {
+            d.deletes.push((key.clone(), entry.clone(), *mi));
+        }
+    }
+    d
+}
+
+/// The source tree as it must appear on the destination (mapped keys, filtered).
+fn wanted(cfg: &Config, root: Option<&Node>) -> BTreeMap<String, Entry> {
+    let mut out = BTreeMap::new();
+    for node in root.map(Node::descendants).unwrap_or_default() {
+        if let Route::Mirror(dst) = cfg.keys.route(&node.key) {
+            out.insert(dst, Entry::of(node));
+        }
+    }
+    out
+}
+
+/// The destination tree that the reload owns: what is not ignored and not replication state.
+fn existing(cfg: &Config, root: Option<&Node>) -> BTreeMap<String, (Entry, u64)> {
+    let mut out = BTreeMap::new();
+    for node in root.map(Node::descendants).unwrap_or_default() {
+        if below(&node.key, REPLICATION_DIR).is_some() {
+            continue;
+        }
+        // Keys that map back to ignored or hidden source keys are left alone.
+        let owned = cfg
+            .keys
+            .source_of(&node.key)
+            .is_some_and(|src| matches!(cfg.keys.route(&src), Route::Mirror(_)));
+        if owned {
+            out.insert(node.key.clone(), (Entry::of(node), node.modified_index));
+        }
+    }
+    out
+}
+
+fn print_plan(d: &Diff) {
+    println!("reload plan: {}", d.summary());
+    for (k, _) in &d.creates {
+        println!("create {k}");
+    }
+    for (k, _, _) in &d.updates {
+        println!("update {k}");
+    }
+    for (k, _, _, _) in &d.replaces {
+        println!("replace {k}");
+    }
+    for (k, _, _) in &d.deletes {
+        println!("delete {k}");
+    }
+}
+
+fn refused(why: String) -> Error {
+    Error::Usage(format!(
+        "refusing to --reload: {why}; add --force if this is really what you want"
+    ))
+}
+
+fn check(dst: &Client, key: &str, w: (Written, bool)) -> Result<()> {
+    match w.0 {
+        Written::Done => Ok(()),
+        Written::Rejected { code, message } => Err(Error::Inconsistency {
+            key: key.to_string(),
+            source: "the state read at the start of the reload".into(),
+            destination: format!(
+                "changed during the reload (etcd {code}: {message}) on {}",
+                dst.name()
+            ),
+        }),
+    }
+}
+
+fn write_entry(dst: &Client, key: &str, entry: &Entry, cond: &Cond) -> Result<()> {
+    let value = match entry {
+        Entry::Dir => None,
+        Entry::Value(v) => Some(v.as_str()),
+    };
+    check(dst, key, dst.put(key, value, cond)?)
+}
+
+/// Run the reload. Returns the source snapshot index to replicate from, or `None` for a dry run.
+pub fn reload(cfg: &Config, src: &Client, dst: &Client) -> Result<Option<u64>> {
+    let dst_root = cfg.keys.dst_root();
+    let snapshot = src.get(&cfg.keys.src_prefix, true)?;
+    let current = dst.get(&dst_root, true)?;
+    let want = wanted(cfg, snapshot.node.as_ref());
+    let have = existing(cfg, current.node.as_ref());
+    let d = diff(&want, &have);
+    info!(
+        "reload of {} from {} at index {} onto {}{dst_root}: {}",
+        cfg.keys.src_prefix,
+        src.name(),
+        snapshot.index,
+        dst.name(),
+        d.summary()
+    );
+    if cfg.dry_run {
+        print_plan(&d);
+    }
+    if !cfg.force {
+        if snapshot.cluster_id.is_some() && snapshot.cluster_id == current.cluster_id {
+            return Err(refused(format!(
+                "{} and {} are the same cluster (X-Etcd-Cluster-Id {})",
+                src.name(),
+                dst.name(),
+                snapshot.cluster_id.unwrap_or_default()
+            )));
+        }
+        if d.deletes_too_much(have.len()) {
+            return Err(refused(format!(
+                "the plan deletes {} of the {} keys under {dst_root} on the destination (more than half)",
+                d.deletes.len() + d.replaces.len(),
+                have.len()
+            )));
+        }
+    }
+    if cfg.dry_run {
+        return Ok(None);
+    }
+    // From here on a crash leaves no index: only another --reload can follow.
+    let index_key = cfg.keys.index_key();
+    if let Some((old, mi)) = read_index(dst, &index_key)? {
+        info!("removing the replication index {index_key} (was {old}) before reloading");
+        check(
+            dst,
+            &index_key,
+            dst.delete(&index_key, false, false, &Cond::Index(mi))?,
+        )?;
+    }
+    for (key, entry) in &d.creates {
+        write_entry(dst, key, entry, &Cond::Absent)?;
+    }
+    for (key, entry, mi) in &d.updates {
+        write_entry(dst, key, entry, &Cond::Index(*mi))?;
+    }
+    for (key, old, new, mi) in &d.replaces {
+        delete_entry(dst, key, old, *mi)?;
+        write_entry(dst, key, new, &Cond::Absent)?;
+    }
+    for (key, entry, mi) in &d.deletes {
+        delete_entry(dst, key, entry, *mi)?;
+    }
+    write_entry(
+        dst,
+        &index_key,
+        &Entry::Value(snapshot.index.to_string()),
+        &Cond::Absent,
+    )?;
+    info!("reload done: {}", d.summary());
+    Ok(Some(snapshot.index))
+}
+
+/// Delete one key. Directories go non-recursively (children were deleted first), so one that
+/// still holds hidden or ignored keys stays, with a warning.
+fn delete_entry(dst: &Client, key: &str, entry: &Entry, mi: u64) -> Result<()> {
+    match entry {
+        Entry::Value(_) => check(dst, key, dst.delete(key, false, false, &Cond::Index(mi))?),
+        Entry::Dir => match dst.delete(key, true, false, &Cond::None)?.0 {
+            Written::Done => Ok(()),
+            Written::Rejected { code, message } => {
+                warn!("left directory {key} in place: {message} (etcd {code})");
+                Ok(())
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> Entry {
+        Entry::Value(s.into())
+    }
+
+    #[test]
+    fn diff_writes_only_differences_in_a_safe_order() {
+        let want: BTreeMap<String, Entry> = [
+            ("/r/a", Entry::Dir),
+            ("/r/a/x", v("1")),
+            ("/r/b", v("same")),
+            ("/r/c", v("new")),
+            ("/r/d", Entry::Dir),
+        ]
+        .into_iter()
+        .map(|(k, e)| (k.to_string(), e))
+        .collect();
+        let have: BTreeMap<String, (Entry, u64)> = [
+            ("/r/b", (v("same"), 3)),
+            ("/r/c", (v("old"), 4)),
+            ("/r/d", (v("was a value"), 5)),
+            ("/r/z", (Entry::Dir, 6)),
+            ("/r/z/y", (v(""), 7)),
+        ]
+        .into_iter()
+        .map(|(k, e)| (k.to_string(), e))
+        .collect();
+        let d = diff(&want, &have);
+        assert_eq!(
+            d.creates,
+            vec![("/r/a".into(), Entry::Dir), ("/r/a/x".into(), v("1"))]
+        );
+        assert_eq!(d.updates, vec![("/r/c".into(), v("new"), 4)]);
+        assert_eq!(
+            d.replaces,
+            vec![("/r/d".into(), v("was a value"), Entry::Dir, 5)]
+        );
+        assert_eq!(
+            d.deletes,
+            vec![("/r/z/y".into(), v(""), 7), ("/r/z".into(), Entry::Dir, 6)]
+        );
+        // Three of five destination keys go away: that needs --force.
+        assert!(d.deletes_too_much(have.len()));
+    }
+
+    #[test]
+    fn guard_counts_deletes_against_the_destination() {
+        let want = BTreeMap::new();
+        let have: BTreeMap<String, (Entry, u64)> = [
+            ("/r/a".to_string(), (v("1"), 1)),
+            ("/r/b".to_string(), (v("2"), 2)),
+        ]
+        .into();
+        let d = diff(&want, &have);
+        assert!(d.deletes_too_much(have.len()));
+        // Both sides empty: a new pair of clusters needs no --force.
+        assert!(!diff(&want, &BTreeMap::new()).deletes_too_much(0));
+        // Deleting exactly half is allowed.
+        let want: BTreeMap<String, Entry> = [("/r/a".to_string(), v("1"))].into();
+        assert!(!diff(&want, &have).deletes_too_much(have.len()));
+    }
+}
