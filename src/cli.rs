@@ -145,7 +145,14 @@ fn prefix(flag: &str, value: Option<String>, default: &str) -> Result<String> {
             "{flag} must be an absolute key prefix starting with '/', got {v:?}"
         )));
     }
-    Ok(normalize_prefix(&v))
+    let v = normalize_prefix(&v);
+    if crate::keys::below(&v, crate::keys::REPLICATION_DIR).is_some() {
+        return Err(usage(format!(
+            "{flag} must not be under {}, which holds the replication index",
+            crate::keys::REPLICATION_DIR
+        )));
+    }
+    Ok(v)
 }
 
 fn seconds(flag: &str, value: Option<String>, default: f64) -> Result<Duration> {
@@ -302,6 +309,8 @@ mod tests {
         assert!(with(&["--bogus"]).contains("--bogus"));
         assert!(with(&["--src-prefix", "conftool"]).contains("--src-prefix"));
         assert!(with(&["--dst-prefix", "x/"]).contains("--dst-prefix"));
+        assert!(with(&["--dst-prefix", "/__replication/x"]).contains("--dst-prefix"));
+        assert!(with(&["--src-prefix", "//__replication"]).contains("--src-prefix"));
         assert!(with(&["--src-ignore-keys-regex", "(unclosed"]).contains("--src-ignore-keys-regex"));
         assert!(with(&["--port", "abc"]).contains("--port"));
         assert!(with(&["--port", "70000"]).contains("--port"));

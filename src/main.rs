@@ -16,7 +16,12 @@ use error::{Error, Result};
 use etcd::Client;
 
 fn init_logging(debug: bool) {
-    let default = if debug { "debug" } else { "info" };
+    // -d is about the mirror's own decisions, not the HTTP library's internals.
+    let default = if debug {
+        "info,etcdmirror=debug"
+    } else {
+        "info"
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
         .format_target(false)
         .init();
