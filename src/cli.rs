@@ -32,7 +32,8 @@ Reload:
       --force                      with --reload: allow SRC and DST to be the same cluster, and a
                                    plan that deletes more than half of the destination's keys
 Metrics:
-      --port PORT                  metrics port, 0 = off [default: 8000]
+      --port PORT                  serve /metrics and /lag on this port, 0 = off [default: 8000]
+      --listen ADDR                address for the metrics endpoint [default: 0.0.0.0]
 Logging:
   -d, --debug                      debug logging (RUST_LOG is also honoured)
   -h, --help                       print this help
@@ -65,7 +66,8 @@ pub struct Config {
     pub dry_run: bool,
     pub force: bool,
     pub debug: bool,
-    pub port: u16,
+    /// Where to serve metrics; `None` with `--port 0`.
+    pub metrics: Option<std::net::SocketAddr>,
     pub watch_timeout: Duration,
     pub retry_timeout: Duration,
 }
@@ -84,6 +86,7 @@ struct RawArgs {
     dry_run: bool,
     force: bool,
     port: Option<String>,
+    listen: Option<String>,
     debug: bool,
     help: bool,
     version: bool,
@@ -127,6 +130,7 @@ where
             Long("watch-timeout") => raw.watch_timeout = Some(p.value()?.string()?),
             Long("retry-timeout") => raw.retry_timeout = Some(p.value()?.string()?),
             Long("port") => raw.port = Some(p.value()?.string()?),
+            Long("listen") => raw.listen = Some(p.value()?.string()?),
             Value(v) => raw.positional.push(v.string()?),
             _ => return Err(arg.unexpected()),
         }
@@ -185,6 +189,17 @@ fn validate(raw: RawArgs) -> Result<Config> {
             .parse::<u16>()
             .map_err(|_| usage(format!("--port takes a port number 0-65535, got {p:?}")))?,
     };
+    let listen = raw.listen.as_deref().unwrap_or("0.0.0.0");
+    let ip = listen
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .map_err(|_| {
+            usage(format!(
+                "--listen takes an IP address like 0.0.0.0 or ::1, got {listen:?}"
+            ))
+        })?;
+    let metrics = (port != 0).then(|| std::net::SocketAddr::new(ip, port));
     if raw.dry_run && !raw.reload {
         return Err(usage("--dry-run only makes sense with --reload".into()));
     }
@@ -220,7 +235,7 @@ fn validate(raw: RawArgs) -> Result<Config> {
         dry_run: raw.dry_run,
         force: raw.force,
         debug: raw.debug,
-        port,
+        metrics,
         watch_timeout,
         retry_timeout,
     })
@@ -253,7 +268,7 @@ mod tests {
         assert_eq!(c.keys.src_prefix, "/");
         assert_eq!(c.keys.dst_prefix, "/replica");
         assert!(!c.keys.strip && !c.reload && !c.debug);
-        assert_eq!(c.port, 8000);
+        assert_eq!(c.metrics, Some("0.0.0.0:8000".parse().unwrap()));
         assert_eq!(c.watch_timeout, Duration::from_secs(1));
         assert_eq!(c.retry_timeout, Duration::from_secs(60));
     }
@@ -283,7 +298,7 @@ mod tests {
         assert!(c.debug && c.keys.strip && c.reload && c.dry_run && c.force);
         assert_eq!(c.keys.src_prefix, "/conftool");
         assert_eq!(c.keys.dst_prefix, "/");
-        assert_eq!(c.port, 0);
+        assert_eq!(c.metrics, None);
         assert_eq!(c.watch_timeout, Duration::from_millis(250));
         let re = c.keys.ignore.unwrap();
         assert!(re.is_match("/conftool/x/y") && !re.is_match("/conftool/xy"));
@@ -314,6 +329,7 @@ mod tests {
         assert!(with(&["--src-ignore-keys-regex", "(unclosed"]).contains("--src-ignore-keys-regex"));
         assert!(with(&["--port", "abc"]).contains("--port"));
         assert!(with(&["--port", "70000"]).contains("--port"));
+        assert!(with(&["--listen", "localhost"]).contains("--listen"));
         assert!(with(&["--watch-timeout", "0"]).contains("--watch-timeout"));
         assert!(with(&["--retry-timeout", "x"]).contains("--retry-timeout"));
         assert!(with(&["--dry-run"]).contains("--reload"));

@@ -5,6 +5,7 @@ mod endpoint;
 mod error;
 mod etcd;
 mod keys;
+mod metrics;
 mod mirror;
 mod plan;
 mod reload;
@@ -28,6 +29,18 @@ fn init_logging(debug: bool) {
 }
 
 fn run(cfg: &Config) -> Result<()> {
+    metrics::update(|s| {
+        s.url = cfg.dst.base.clone();
+        s.prefix = cfg.keys.dst_prefix.clone();
+    });
+    if let Some(addr) = cfg.metrics.filter(|_| !cfg.dry_run) {
+        let bound = metrics::serve(addr).map_err(|e| {
+            Error::Usage(format!(
+                "--port/--listen: cannot serve metrics on {addr}: {e}"
+            ))
+        })?;
+        log::info!("serving /metrics and /lag on http://{bound}");
+    }
     let src = Client::new(&cfg.src, cfg.retry_timeout);
     let dst = Client::new(&cfg.dst, cfg.retry_timeout);
     let index = if cfg.reload {

@@ -8,6 +8,7 @@ use crate::cli::Config;
 use crate::error::{Error, Result};
 use crate::etcd::{Client, Cond, Watch, Written};
 use crate::keys::{KeyMap, Route};
+use crate::metrics;
 use crate::plan::{plan_event, plan_subtree_event, Op, State};
 
 /// How often an index that moved without an applied event is written to the destination.
@@ -209,6 +210,7 @@ impl<'a> Mirror<'a> {
     /// Replicate until an error stops us.
     pub fn run(&mut self) -> Result<()> {
         info!("Starting replication at {}", self.index);
+        metrics::update(|s| s.replicated_index = self.index);
         loop {
             let poll = self.pacer.poll_timeout();
             let watched = self
@@ -250,6 +252,7 @@ impl<'a> Mirror<'a> {
                     ev.action
                 );
                 self.index = idx.max(self.index);
+                metrics::update(|s| s.ignored_events += 1);
                 return self.record(false);
             }
             Route::Subtree => {
@@ -269,6 +272,7 @@ impl<'a> Mirror<'a> {
             "Replicating key {src_key} at index {idx} ({} -> {dst_key})",
             ev.action
         );
+        let started = Instant::now();
         let mut retried = false;
         for op in &plan.ops {
             let (outcome, r) = exec(self.dst, op)?;
@@ -292,7 +296,12 @@ impl<'a> Mirror<'a> {
         }
         self.first = false;
         self.index = idx;
-        self.record(true)
+        self.record(true)?;
+        metrics::update(|s| {
+            s.observe_write(started.elapsed());
+            *s.events_by_action.entry(ev.action.clone()).or_default() += 1;
+        });
+        Ok(())
     }
 
     /// Fail with `OtherWriter` when the stored index is not the one we last wrote.
@@ -333,6 +342,10 @@ impl<'a> Mirror<'a> {
             debug!("recorded index {} without an event", self.index);
         }
         self.written = self.index;
+        metrics::update(|s| {
+            s.replicated_index = self.written;
+            s.idle_advances += u64::from(!now);
+        });
         self.last_record = Instant::now();
         Ok(())
     }

@@ -156,6 +156,7 @@ fn write_entry(dst: &Client, key: &str, entry: &Entry, cond: &Cond) -> Result<()
 
 /// Run the reload. Returns the source snapshot index to replicate from, or `None` for a dry run.
 pub fn reload(cfg: &Config, src: &Client, dst: &Client) -> Result<Option<u64>> {
+    let started = std::time::Instant::now();
     let dst_root = cfg.keys.dst_root();
     let snapshot = src.get(&cfg.keys.src_prefix, true)?;
     let current = dst.get(&dst_root, true)?;
@@ -222,7 +223,8 @@ pub fn reload(cfg: &Config, src: &Client, dst: &Client) -> Result<Option<u64>> {
         &Entry::Value(snapshot.index.to_string()),
         &Cond::Absent,
     )?;
-    info!("reload done: {}", d.summary());
+    info!("reload done in {:.1?}: {}", started.elapsed(), d.summary());
+    crate::metrics::update(|s| s.observe_load(started.elapsed()));
     Ok(Some(snapshot.index))
 }
 
