@@ -4,11 +4,35 @@
 #   make demo    two throwaway etcd servers, one mirrored key
 #   make lint    rustfmt + clippy, warnings are errors
 #   make vendor  copy all crates into vendor/ for an offline build
+#   make offline-check  prove `cargo build --offline --locked --release` works from vendor/
+#                with an empty CARGO_HOME (release build in a temporary target dir)
+#   make install / uninstall  binary, man page, systemd unit, example defaults file
+#                (DESTDIR, PREFIX, BINDIR, MANDIR, UNITDIR, SYSCONFDIR, BIN; see below)
 #   make clean   remove target/
 
 CARGO ?= cargo
+INSTALL ?= install
 
-.PHONY: build test demo lint vendor clean check-etcd
+# Install layout. Everything but the example defaults file lives under PREFIX; systemd
+# reads units from /usr/local/lib/systemd/system as well as /usr/lib/systemd/system, so
+# the default UNITDIR works for both PREFIX=/usr/local and PREFIX=/usr. DESTDIR is
+# prepended to every path (staging for packages); the unit's ExecStart is rewritten to
+# $(BINDIR)/etcdmirror, without DESTDIR. BIN is the binary to install: the release
+# binary, built first when missing or older than the sources.
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+MANDIR ?= $(PREFIX)/share/man
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSCONFDIR ?= /etc
+DESTDIR ?=
+BIN ?= target/release/etcdmirror
+
+# Source replacement for offline builds from vendor/ (the same as the snippet that
+# `cargo vendor` prints for .cargo/config.toml, given on the command line instead).
+VENDOR_CONFIG = --config 'source.crates-io.replace-with="vendored-sources"' \
+                --config 'source.vendored-sources.directory="$(CURDIR)/vendor"'
+
+.PHONY: build test demo lint vendor offline-check install uninstall clean check-etcd
 
 build:
 	$(CARGO) build --release
@@ -30,8 +54,52 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 
 vendor:
-	@echo "Vendoring crates into vendor/; add the snippet below to .cargo/config.toml for offline builds:"
+	@echo "Vendoring crates into vendor/; for an offline build either add the snippet below to"
+	@echo ".cargo/config.toml, or pass it on the command line as \`make offline-check' does:"
+	@echo "  cargo build --offline --locked --release \\"
+	@echo "    --config 'source.crates-io.replace-with=\"vendored-sources\"' \\"
+	@echo "    --config 'source.vendored-sources.directory=\"$(CURDIR)/vendor\"'"
 	$(CARGO) vendor --locked vendor
+
+# Re-vendors (so vendor/ matches Cargo.lock), then builds with an empty CARGO_HOME, so no
+# registry cache or index can help, in a temporary target dir, so target/ is untouched.
+# RUSTUP_HOME is pinned so the rustup proxy still finds the toolchain.
+offline-check: vendor
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	mkdir "$$tmp/cargo-home"; \
+	if command -v rustup >/dev/null 2>&1; then \
+	  RUSTUP_HOME=$$(rustup show home); export RUSTUP_HOME; fi; \
+	echo "offline build: CARGO_HOME=$$tmp/cargo-home (empty), target dir $$tmp/target"; \
+	CARGO_HOME="$$tmp/cargo-home" $(CARGO) build --offline --locked --release \
+	  --target-dir "$$tmp/target" $(VENDOR_CONFIG); \
+	"$$tmp/target/release/etcdmirror" --version; \
+	if [ -e "$$tmp/cargo-home/registry" ] || [ -e "$$tmp/cargo-home/git" ]; then \
+	  echo "offline-check: cargo used a registry or git source, not only vendor/" >&2; \
+	  exit 1; fi; \
+	echo "offline-check: OK (built from vendor/ only)"
+
+target/release/etcdmirror: Cargo.toml Cargo.lock $(shell find src -name '*.rs')
+	$(CARGO) build --release
+
+install: $(BIN)
+	$(INSTALL) -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(UNITDIR) \
+	  $(DESTDIR)$(SYSCONFDIR)/default
+	$(INSTALL) -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/etcdmirror
+	$(INSTALL) -m 0644 src/etcdmirror.1 $(DESTDIR)$(MANDIR)/man1/etcdmirror.1
+	sed 's|^ExecStart=/usr/local/bin/etcdmirror |ExecStart=$(BINDIR)/etcdmirror |' \
+	  etcdmirror.service > $(DESTDIR)$(UNITDIR)/etcdmirror.service.tmp
+	grep -q '^ExecStart=$(BINDIR)/etcdmirror ' $(DESTDIR)$(UNITDIR)/etcdmirror.service.tmp
+	chmod 0644 $(DESTDIR)$(UNITDIR)/etcdmirror.service.tmp
+	mv $(DESTDIR)$(UNITDIR)/etcdmirror.service.tmp $(DESTDIR)$(UNITDIR)/etcdmirror.service
+	$(INSTALL) -m 0644 src/etcdmirror.default $(DESTDIR)$(SYSCONFDIR)/default/etcdmirror.example
+
+# Removes exactly the files `install` writes (directories are left, they may be shared;
+# /etc/default/etcdmirror, your copy of the example, is left alone).
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/etcdmirror \
+	  $(DESTDIR)$(MANDIR)/man1/etcdmirror.1 \
+	  $(DESTDIR)$(UNITDIR)/etcdmirror.service \
+	  $(DESTDIR)$(SYSCONFDIR)/default/etcdmirror.example
 
 clean:
 	$(CARGO) clean

@@ -6,7 +6,7 @@ use std::time::Duration;
 use lexopt::prelude::*;
 use regex_lite::Regex;
 
-use crate::endpoint::Endpoint;
+use crate::endpoint::{Endpoint, Security};
 use crate::error::{Error, Result};
 use crate::keys::{normalize_prefix, KeyMap};
 
@@ -17,6 +17,12 @@ etcdmirror: mirror an etcd v2 cluster (SRC) into a read-only replica (DST)
 Usage: etcdmirror [OPTIONS] SRC DST
   SRC, DST are URLs like https://user:pass@host:2379
 
+Source and destination (SIDE is src or dst; the flag without a side applies to both):
+      --ca-file, --SIDE-ca-file PATH       PEM bundle of CAs to trust, replacing the system's
+      --cert-file, --SIDE-cert-file PATH   client certificate (PEM) for TLS client auth
+      --key-file, --SIDE-key-file PATH     its private key (PEM)
+      --SIDE-user USER                     user for HTTP basic auth (or user@ in the URL)
+      --SIDE-password-file PATH            read the password from PATH (keeps it out of `ps`)
 Replication:
       --src-prefix PREFIX          source subtree to mirror [default: /]
       --dst-prefix PREFIX          destination prefix [default: /replica]
@@ -51,7 +57,7 @@ Exit codes:
 /// What the command line asks for.
 #[derive(Debug)]
 pub enum Command {
-    Run(Config),
+    Run(Box<Config>),
     Help,
     Version,
 }
@@ -87,6 +93,10 @@ struct RawArgs {
     force: bool,
     port: Option<String>,
     listen: Option<String>,
+    /// TLS flags without a side, then per side.
+    both: Security,
+    src: Security,
+    dst: Security,
     debug: bool,
     help: bool,
     version: bool,
@@ -105,7 +115,7 @@ where
     if raw.version {
         return Ok(Command::Version);
     }
-    validate(raw).map(Command::Run)
+    validate(raw).map(|c| Command::Run(Box::new(c)))
 }
 
 fn parse_raw<I>(args: I) -> std::result::Result<RawArgs, lexopt::Error>
@@ -131,11 +141,53 @@ where
             Long("retry-timeout") => raw.retry_timeout = Some(p.value()?.string()?),
             Long("port") => raw.port = Some(p.value()?.string()?),
             Long("listen") => raw.listen = Some(p.value()?.string()?),
+            Long(flag) if security_flag(flag).is_some() => {
+                let (side, field) = security_flag(flag).unwrap_or_default();
+                let sec = match side {
+                    "src" => &mut raw.src,
+                    "dst" => &mut raw.dst,
+                    _ => &mut raw.both,
+                };
+                let slot = match field {
+                    "ca-file" => &mut sec.ca_file,
+                    "cert-file" => &mut sec.cert_file,
+                    "key-file" => &mut sec.key_file,
+                    "user" => &mut sec.user,
+                    _ => &mut sec.password_file,
+                };
+                *slot = Some(p.value()?.string()?);
+            }
             Value(v) => raw.positional.push(v.string()?),
             _ => return Err(arg.unexpected()),
         }
     }
     Ok(raw)
+}
+
+/// Split `src-ca-file` into `("src", "ca-file")`; `ca-file` has no side. Users and passwords
+/// always have one.
+fn security_flag(flag: &str) -> Option<(&'static str, &'static str)> {
+    let (side, field) = match flag.split_once('-') {
+        Some(("src", f)) => ("src", f),
+        Some(("dst", f)) => ("dst", f),
+        _ => ("", flag),
+    };
+    let field = ["ca-file", "cert-file", "key-file", "user", "password-file"]
+        .into_iter()
+        .find(|f| *f == field)?;
+    (!side.is_empty() || (field.ends_with("-file") && field != "password-file"))
+        .then_some((side, field))
+}
+
+/// The side's flags, falling back to the ones without a side.
+fn merged(side: &Security, both: &Security) -> Security {
+    Security {
+        ca_file: side.ca_file.clone().or_else(|| both.ca_file.clone()),
+        cert_file: side.cert_file.clone().or_else(|| both.cert_file.clone()),
+        key_file: side.key_file.clone().or_else(|| both.key_file.clone()),
+        user: side.user.clone(),
+        password_file: side.password_file.clone(),
+    }
 }
 
 fn usage(msg: String) -> Error {
@@ -215,7 +267,14 @@ fn validate(raw: RawArgs) -> Result<Config> {
     let watch_timeout = seconds("--watch-timeout", raw.watch_timeout, 1.0)?;
     let retry_timeout = seconds("--retry-timeout", raw.retry_timeout, 60.0)?;
     let (src, dst) = match raw.positional.as_slice() {
-        [s, d] => (endpoint("SRC", s)?, endpoint("DST", d)?),
+        [s, d] => (
+            endpoint("SRC", s)?
+                .secure(&merged(&raw.src, &raw.both), "src")
+                .map_err(usage)?,
+            endpoint("DST", d)?
+                .secure(&merged(&raw.dst, &raw.both), "dst")
+                .map_err(usage)?,
+        ),
         [] | [_] => {
             return Err(usage(
                 "missing argument: etcdmirror [OPTIONS] SRC DST (see --help)".into(),
@@ -247,7 +306,7 @@ mod tests {
 
     fn run(args: &[&str]) -> Config {
         match parse(args.iter().copied()).unwrap() {
-            Command::Run(c) => c,
+            Command::Run(c) => *c,
             other => panic!("expected a run, got {other:?}"),
         }
     }
@@ -338,6 +397,33 @@ mod tests {
         assert!(usage_error(&["http://a:1", "b:2"]).contains("DST"));
         assert!(usage_error(&["ftp://a", "http://b:2"]).contains("SRC"));
         assert!(usage_error(&["http://a:1", "http://b:2", "c"]).contains("\"c\""));
+    }
+
+    #[test]
+    fn tls_flags_have_sides() {
+        assert_eq!(security_flag("ca-file"), Some(("", "ca-file")));
+        assert_eq!(security_flag("dst-key-file"), Some(("dst", "key-file")));
+        assert_eq!(security_flag("src-user"), Some(("src", "user")));
+        assert_eq!(security_flag("user"), None);
+        assert_eq!(security_flag("password-file"), None);
+        assert_eq!(security_flag("src-bogus"), None);
+        let m = usage_error(&[
+            "--src-cert-file",
+            "/nonexistent.pem",
+            "https://a:1",
+            "http://b:2",
+        ]);
+        assert!(m.contains("--src-cert-file"), "{m}");
+        let m = usage_error(&[
+            "--ca-file",
+            "/nonexistent.pem",
+            "https://a:1",
+            "https://b:2",
+        ]);
+        assert!(
+            m.contains("--src-ca-file") && m.contains("/nonexistent.pem"),
+            "{m}"
+        );
     }
 
     #[test]

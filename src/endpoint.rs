@@ -1,14 +1,21 @@
-//! Cluster URLs: parsed and checked before any I/O, with credentials kept out of every message.
+//! Cluster URLs, credentials and TLS settings: parsed and checked before any network I/O,
+//! with passwords kept out of every message.
 
 use std::fmt;
+use std::path::Path;
+
+use ureq::tls::{Certificate, ClientCert, PemItem, RootCerts, TlsConfig};
 
 /// One etcd cluster as given on the command line.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Endpoint {
     /// `scheme://host:port`, no credentials: safe to log.
     pub base: String,
-    /// Value of the `Authorization` header when the URL carried `user:password@`.
-    pub auth: Option<String>,
+    user: Option<String>,
+    password: Option<String>,
+    /// The password came from the URL, where `ps` shows it.
+    pub password_in_url: bool,
+    pub tls: TlsConfig,
 }
 
 impl fmt::Display for Endpoint {
@@ -19,13 +26,23 @@ impl fmt::Display for Endpoint {
 
 impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let auth = if self.auth.is_some() {
+        let auth = if self.user.is_some() {
             " (with credentials)"
         } else {
             ""
         };
         write!(f, "{}{auth}", self.base)
     }
+}
+
+/// TLS and credential flags for one side.
+#[derive(Debug, Default, Clone)]
+pub struct Security {
+    pub ca_file: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub user: Option<String>,
+    pub password_file: Option<String>,
 }
 
 impl Endpoint {
@@ -56,19 +73,148 @@ impl Endpoint {
         if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '%') {
             return Err("missing or invalid host".into());
         }
-        let auth = match userinfo {
-            None => None,
-            Some(u) => {
-                let (user, pass) = u.split_once(':').unwrap_or((u, ""));
-                let creds = format!("{}:{}", percent_decode(user)?, percent_decode(pass)?);
-                Some(format!("Basic {}", base64(creds.as_bytes())))
-            }
+        let (user, password) = match userinfo {
+            None => (None, None),
+            Some(u) => match u.split_once(':') {
+                Some((user, pass)) => (Some(percent_decode(user)?), Some(percent_decode(pass)?)),
+                None => (Some(percent_decode(u)?), None),
+            },
         };
         Ok(Endpoint {
             base: format!("{scheme}://{host}:{port}"),
-            auth,
+            password_in_url: password.is_some(),
+            user,
+            password,
+            tls: TlsConfig::default(),
         })
     }
+
+    /// Apply the side's TLS and credential flags. `side` is "src" or "dst", for messages.
+    pub fn secure(mut self, sec: &Security, side: &str) -> Result<Endpoint, String> {
+        if let Some(user) = &sec.user {
+            if self.user.is_some() {
+                return Err(format!(
+                    "--{side}-user: the {side} URL already names a user"
+                ));
+            }
+            self.user = Some(user.clone());
+        }
+        if let Some(path) = &sec.password_file {
+            if self.password_in_url {
+                return Err(format!(
+                    "--{side}-password-file: the {side} URL already holds a password"
+                ));
+            }
+            if self.user.is_none() {
+                return Err(format!(
+                    "--{side}-password-file needs a user: put it in the URL or use --{side}-user"
+                ));
+            }
+            let raw = std::fs::read_to_string(path)
+                .map_err(|e| format!("--{side}-password-file: cannot read {path}: {e}"))?;
+            self.password = Some(raw.trim_end_matches(['\n', '\r']).to_string());
+        }
+        let https = self.base.starts_with("https://");
+        let tls_flag = sec.ca_file.is_some() || sec.cert_file.is_some() || sec.key_file.is_some();
+        if tls_flag && !https {
+            return Err(format!(
+                "--{side}-ca-file/--{side}-cert-file/--{side}-key-file need an https:// {side} URL"
+            ));
+        }
+        if https {
+            self.tls = tls_config(sec, side)?;
+        }
+        Ok(self)
+    }
+
+    /// The `Authorization` header value, when there is a user.
+    pub fn auth_header(&self) -> Option<String> {
+        let user = self.user.as_ref()?;
+        let creds = format!("{user}:{}", self.password.as_deref().unwrap_or(""));
+        Some(format!("Basic {}", base64(creds.as_bytes())))
+    }
+}
+
+/// Where distributions keep the system's trusted CA bundle.
+const SYSTEM_BUNDLES: [&str; 3] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+fn read_pem(path: &str, flag: &str) -> Result<Vec<PemItem<'static>>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{flag}: cannot read {path}: {e}"))?;
+    ureq::tls::parse_pem(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{flag}: {path} is not valid PEM: {e}"))
+}
+
+fn certificates(items: Vec<PemItem<'static>>) -> Vec<Certificate<'static>> {
+    items
+        .into_iter()
+        .filter_map(|i| match i {
+            PemItem::Certificate(c) => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+fn tls_config(sec: &Security, side: &str) -> Result<TlsConfig, String> {
+    let roots = match &sec.ca_file {
+        Some(path) => {
+            let flag = format!("--{side}-ca-file");
+            let certs = certificates(read_pem(path, &flag)?);
+            if certs.is_empty() {
+                return Err(format!("{flag}: {path} holds no certificate"));
+            }
+            RootCerts::new_with_certs(&certs)
+        }
+        None => system_roots(),
+    };
+    let client_cert = match (&sec.cert_file, &sec.key_file) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => {
+            let chain = certificates(read_pem(cert, &format!("--{side}-cert-file"))?);
+            if chain.is_empty() {
+                return Err(format!("--{side}-cert-file: {cert} holds no certificate"));
+            }
+            let flag = format!("--{side}-key-file");
+            let key = read_pem(key, &flag)?
+                .into_iter()
+                .find_map(|i| match i {
+                    PemItem::PrivateKey(k) => Some(k),
+                    _ => None,
+                })
+                .ok_or_else(|| format!("{flag}: {key} holds no private key"))?;
+            Some(ClientCert::new_with_certs(&chain, key))
+        }
+        _ => {
+            return Err(format!(
+                "--{side}-cert-file and --{side}-key-file go together"
+            ))
+        }
+    };
+    Ok(TlsConfig::builder()
+        .root_certs(roots)
+        .client_cert(client_cert)
+        .build())
+}
+
+/// The system's CA bundle (`SSL_CERT_FILE` first), or the bundled Mozilla roots if none.
+fn system_roots() -> RootCerts {
+    let env = std::env::var("SSL_CERT_FILE").ok();
+    for path in env.iter().map(String::as_str).chain(SYSTEM_BUNDLES) {
+        if !Path::new(path).is_file() {
+            continue;
+        }
+        if let Ok(items) = read_pem(path, "SSL_CERT_FILE") {
+            let certs = certificates(items);
+            if !certs.is_empty() {
+                return RootCerts::new_with_certs(&certs);
+            }
+        }
+    }
+    RootCerts::WebPki
 }
 
 fn split_host_port(hostport: &str) -> Result<(&str, Option<&str>), String> {
@@ -132,7 +278,7 @@ mod tests {
     fn parses_plain_and_default_ports() {
         let e = Endpoint::parse("http://127.0.0.1:2379").unwrap();
         assert_eq!(e.base, "http://127.0.0.1:2379");
-        assert_eq!(e.auth, None);
+        assert_eq!(e.auth_header(), None);
         assert_eq!(
             Endpoint::parse("https://conf1/").unwrap().base,
             "https://conf1:443"
@@ -146,7 +292,8 @@ mod tests {
     #[test]
     fn credentials_become_a_header_and_never_the_display() {
         let e = Endpoint::parse("https://root:s%40cret@conf1:2379").unwrap();
-        assert_eq!(e.auth.as_deref(), Some("Basic cm9vdDpzQGNyZXQ="));
+        assert_eq!(e.auth_header().as_deref(), Some("Basic cm9vdDpzQGNyZXQ="));
+        assert!(e.password_in_url);
         assert_eq!(e.to_string(), "https://conf1:2379");
         assert!(!format!("{e:?}").contains("cret"));
     }
@@ -165,6 +312,57 @@ mod tests {
             let err = Endpoint::parse(bad).unwrap_err();
             assert!(!err.contains("pw"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn password_files_and_users() {
+        let dir = std::env::temp_dir().join(format!("etcdmirror-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pw = dir.join("pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let sec = Security {
+            user: Some("root".into()),
+            password_file: Some(pw.to_string_lossy().into_owned()),
+            ..Security::default()
+        };
+        let e = Endpoint::parse("http://h:1")
+            .unwrap()
+            .secure(&sec, "src")
+            .unwrap();
+        assert_eq!(e.auth_header().as_deref(), Some("Basic cm9vdDpzM2NyZXQ="));
+        assert!(!e.password_in_url);
+        let no_user = Security {
+            user: None,
+            ..sec.clone()
+        };
+        let err = Endpoint::parse("http://h:1")
+            .unwrap()
+            .secure(&no_user, "dst")
+            .unwrap_err();
+        assert!(err.contains("--dst-password-file"), "{err}");
+        let err = Endpoint::parse("http://u:p@h:1")
+            .unwrap()
+            .secure(&no_user, "src")
+            .unwrap_err();
+        assert!(err.contains("already holds a password"), "{err}");
+        let ca = Security {
+            ca_file: Some(pw.to_string_lossy().into_owned()),
+            ..Security::default()
+        };
+        let err = Endpoint::parse("https://h:1")
+            .unwrap()
+            .secure(&ca, "src")
+            .unwrap_err();
+        assert!(
+            err.contains("--src-ca-file") && err.contains("no certificate"),
+            "{err}"
+        );
+        let err = Endpoint::parse("http://h:1")
+            .unwrap()
+            .secure(&ca, "src")
+            .unwrap_err();
+        assert!(err.contains("https://"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

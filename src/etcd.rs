@@ -158,6 +158,7 @@ enum Attempt<T> {
 pub struct Client {
     agent: ureq::Agent,
     endpoint: Endpoint,
+    auth: Option<String>,
     retry_timeout: Duration,
 }
 
@@ -206,6 +207,22 @@ fn read_body(
     Ok(buf)
 }
 
+/// A failed request: TLS trust and certificate problems need a human (exit 2), the rest is
+/// retried.
+fn failed<T>(e: ureq::Error, name: &str) -> Attempt<T> {
+    let tls = match &e {
+        ureq::Error::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
+        ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_) => true,
+        _ => false,
+    };
+    if tls {
+        return Attempt::Fatal(Error::Usage(format!(
+            "TLS with {name} failed: {e} (check --ca-file, --cert-file and --key-file for that side)"
+        )));
+    }
+    Attempt::Retry(e.to_string())
+}
+
 fn is_timeout(e: &ureq::Error) -> bool {
     match e {
         ureq::Error::Timeout(_) => true,
@@ -238,10 +255,12 @@ impl Client {
             .timeout_recv_response(Some(Duration::from_secs(30)))
             .timeout_recv_body(Some(Duration::from_secs(120)))
             .user_agent(concat!("etcdmirror/", env!("CARGO_PKG_VERSION")))
+            .tls_config(endpoint.tls.clone())
             .build()
             .into();
         Client {
             agent,
+            auth: endpoint.auth_header(),
             endpoint: endpoint.clone(),
             retry_timeout,
         }
@@ -269,7 +288,7 @@ impl Client {
         body_timeout: Option<Duration>,
     ) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error> {
         let mut req = ureq::http::Request::builder().method(method).uri(url);
-        if let Some(auth) = &self.endpoint.auth {
+        if let Some(auth) = &self.auth {
             req = req.header("Authorization", auth);
         }
         let req = match &body {
@@ -328,7 +347,7 @@ impl Client {
     ) -> Attempt<(u16, Vec<u8>, Got)> {
         let mut resp = match self.request(method, url, body, None) {
             Ok(r) => r,
-            Err(e) => return Attempt::Retry(e.to_string()),
+            Err(e) => return failed(e, self.name()),
         };
         let status = resp.status().as_u16();
         let index = header_u64(&resp, "x-etcd-index").unwrap_or(0);
@@ -460,7 +479,7 @@ impl Client {
         let (w, _) = self.retrying(&what, || {
             let mut resp = match self.request("GET", &url, None, Some(poll)) {
                 Ok(r) => r,
-                Err(e) => return Attempt::Retry(e.to_string()),
+                Err(e) => return failed(e, self.name()),
             };
             let status = resp.status().as_u16();
             let index = header_u64(&resp, "x-etcd-index");

@@ -10,6 +10,7 @@ mod mirror;
 mod plan;
 mod reload;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use cli::{Command, Config};
@@ -23,12 +24,31 @@ fn init_logging(debug: bool) {
     } else {
         "info"
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
-        .format_target(false)
-        .init();
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default));
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        // journald adds timestamps; a <N> syslog prefix lets `journalctl -p err` filter.
+        builder.format(|buf, record| {
+            let prio = match record.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                log::Level::Debug | log::Level::Trace => 7,
+            };
+            writeln!(buf, "<{prio}>{}", record.args())
+        });
+    } else {
+        builder.format_target(false);
+    }
+    builder.init();
 }
 
 fn run(cfg: &Config) -> Result<()> {
+    for (side, ep) in [("SRC", &cfg.src), ("DST", &cfg.dst)] {
+        if ep.password_in_url {
+            log::warn!("the {side} URL holds a password, which `ps` shows to every user; use --{}-password-file", side.to_lowercase());
+        }
+    }
     metrics::update(|s| {
         s.url = cfg.dst.base.clone();
         s.prefix = cfg.keys.dst_prefix.clone();
