@@ -29,7 +29,7 @@ Replication:
       --strip                      remove the source prefix before adding the destination prefix
       --src-ignore-keys-regex RE   never write source keys that fully match RE (they still
                                    advance the replication index)
-      --watch-timeout SECS         renew a quiet watch at least this often [default: 1]
+      --watch-timeout SECS         renew a quiet watch at least this often [default: 0.5]
       --retry-timeout SECS         retry transient faults this long, then exit 1 [default: 60]
 Reload:
       --reload                     make DST an exact copy of SRC by writing only the
@@ -264,7 +264,7 @@ fn validate(raw: RawArgs) -> Result<Config> {
         strip: raw.strip,
         ignore,
     };
-    let watch_timeout = seconds("--watch-timeout", raw.watch_timeout, 1.0)?;
+    let watch_timeout = seconds("--watch-timeout", raw.watch_timeout, 0.5)?;
     let retry_timeout = seconds("--retry-timeout", raw.retry_timeout, 60.0)?;
     let (src, dst) = match raw.positional.as_slice() {
         [s, d] => (
@@ -328,7 +328,7 @@ mod tests {
         assert_eq!(c.keys.dst_prefix, "/replica");
         assert!(!c.keys.strip && !c.reload && !c.debug);
         assert_eq!(c.metrics, Some("0.0.0.0:8000".parse().unwrap()));
-        assert_eq!(c.watch_timeout, Duration::from_secs(1));
+        assert_eq!(c.watch_timeout, Duration::from_millis(500));
         assert_eq!(c.retry_timeout, Duration::from_secs(60));
     }
 

@@ -1,0 +1,847 @@
+//! Shared helpers for the integration tests: real etcd servers, the mirror binary, polling.
+//!
+//! Every test starts its own etcd servers (source and destination) on free loopback ports with
+//! data dirs under /dev/shm. Everything is cleaned up on drop, so tests can run in parallel.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_etcdmirror");
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh, unique scratch directory under /dev/shm (falls back to the temp dir), removed on drop.
+pub struct Scratch {
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(tag: &str) -> Scratch {
+        let base = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let path = base.join(format!(
+            "etcdmirror-test-{}-{}-{}",
+            std::process::id(),
+            n,
+            sanitize(tag)
+        ));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).expect("create scratch dir");
+        Scratch { path }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .take(40)
+        .collect()
+}
+
+/// A port that nothing listens on right now (may race with other tests; callers retry).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().unwrap().port()
+}
+
+/// Poll `cond` every 20 ms until it is true; panic with `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Like `wait_until`, but returns false on timeout instead of panicking.
+pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Percent-encode a key path for use in a URL (keeps '/' and unreserved characters).
+pub fn encode_path(key: &str) -> String {
+    let mut out = String::new();
+    for b in key.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Percent-encode a query component.
+pub fn encode_query(v: &str) -> String {
+    let mut out = String::new();
+    for b in v.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// The result of one v2 API call.
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    /// X-Etcd-Index header (0 if absent).
+    pub index: u64,
+    pub cluster_id: String,
+    pub body: Value,
+}
+
+impl Resp {
+    pub fn ok(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+    pub fn error_code(&self) -> Option<u64> {
+        self.body.get("errorCode").and_then(Value::as_u64)
+    }
+    pub fn node(&self) -> &Value {
+        &self.body["node"]
+    }
+    pub fn modified_index(&self) -> u64 {
+        self.body["node"]["modifiedIndex"].as_u64().unwrap_or(0)
+    }
+    pub fn key(&self) -> String {
+        self.body["node"]["key"].as_str().unwrap_or("").to_string()
+    }
+    #[track_caller]
+    pub fn expect_ok(self) -> Resp {
+        assert!(
+            self.ok(),
+            "etcd request failed: {} {}",
+            self.status,
+            self.body
+        );
+        self
+    }
+}
+
+/// An HTTP client for one etcd server's v2 keys API. Cheap to clone, usable from threads.
+#[derive(Clone)]
+pub struct Client {
+    pub base: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    pub fn new(base: &str) -> Client {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .max_idle_connections_per_host(16)
+            .build();
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            agent: ureq::Agent::new_with_config(config),
+        }
+    }
+
+    fn url(&self, key: &str, query: &[(&str, &str)]) -> String {
+        let key = if key.starts_with('/') {
+            key.to_string()
+        } else {
+            format!("/{key}")
+        };
+        let mut url = format!("{}/v2/keys{}", self.base, encode_path(&key));
+        for (i, (k, v)) in query.iter().enumerate() {
+            url.push(if i == 0 { '?' } else { '&' });
+            url.push_str(&encode_query(k));
+            url.push('=');
+            url.push_str(&encode_query(v));
+        }
+        url
+    }
+
+    /// Raw request: `query` goes in the URL, `form` in a form-encoded body (PUT/POST only).
+    pub fn request(
+        &self,
+        method: &str,
+        key: &str,
+        query: &[(&str, &str)],
+        form: &[(&str, &str)],
+    ) -> Resp {
+        let url = self.url(key, query);
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let res = match method {
+                "GET" => self.agent.get(&url).call(),
+                "DELETE" => self.agent.delete(&url).call(),
+                "PUT" => self.agent.put(&url).send_form(form.iter().copied()),
+                "POST" => self.agent.post(&url).send_form(form.iter().copied()),
+                m => panic!("unsupported method {m}"),
+            };
+            match res {
+                Ok(mut r) => {
+                    let status = r.status().as_u16();
+                    let header = |name: &str| {
+                        r.headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string()
+                    };
+                    let index = header("X-Etcd-Index").parse().unwrap_or(0);
+                    let cluster_id = header("X-Etcd-Cluster-Id");
+                    let text = r
+                        .body_mut()
+                        .with_config()
+                        .limit(512 * 1024 * 1024)
+                        .read_to_string()
+                        .unwrap_or_default();
+                    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    return Resp {
+                        status,
+                        index,
+                        cluster_id,
+                        body,
+                    };
+                }
+                Err(e) => {
+                    // Only connection-level errors end up here; a write may not be retried
+                    // blindly, so only retry when nothing could have been sent.
+                    last_err = e.to_string();
+                    if method != "GET" {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        panic!("{method} {url} failed: {last_err}");
+    }
+
+    /// PUT with arbitrary form parameters (no status check).
+    pub fn put(&self, key: &str, form: &[(&str, &str)]) -> Resp {
+        self.request("PUT", key, &[], form)
+    }
+
+    /// Plain set; panics on failure.
+    #[track_caller]
+    pub fn set(&self, key: &str, value: &str) -> Resp {
+        self.put(key, &[("value", value)]).expect_ok()
+    }
+
+    /// POST (in-order key creation) with arbitrary form parameters (no status check).
+    pub fn post(&self, dir: &str, form: &[(&str, &str)]) -> Resp {
+        self.request("POST", dir, &[], form)
+    }
+
+    /// Create a directory (PUT dir=true); panics on failure.
+    #[track_caller]
+    pub fn mkdir(&self, key: &str) -> Resp {
+        self.put(key, &[("dir", "true")]).expect_ok()
+    }
+
+    /// DELETE with query parameters (no status check).
+    pub fn delete(&self, key: &str, query: &[(&str, &str)]) -> Resp {
+        self.request("DELETE", key, query, &[])
+    }
+
+    /// GET with query parameters (no status check).
+    pub fn get_raw(&self, key: &str, query: &[(&str, &str)]) -> Resp {
+        self.request("GET", key, query, &[])
+    }
+
+    /// The node JSON for `key`, or None if it does not exist.
+    pub fn node(&self, key: &str) -> Option<Value> {
+        let r = self.get_raw(key, &[]);
+        match r.status {
+            200 => Some(r.body["node"].clone()),
+            404 => None,
+            s => panic!("GET {key}: unexpected status {s}: {}", r.body),
+        }
+    }
+
+    /// The value of `key`: None if missing; panics if it is a directory.
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.node(key).map(|n| {
+            assert!(n.get("dir").is_none(), "{key} is a directory, not a value");
+            n["value"].as_str().unwrap_or("").to_string()
+        })
+    }
+
+    pub fn exists(&self, key: &str) -> bool {
+        self.node(key).is_some()
+    }
+
+    /// The store's current X-Etcd-Index.
+    pub fn current_index(&self) -> u64 {
+        self.get_raw("/", &[]).index
+    }
+
+    pub fn cluster_id(&self) -> String {
+        self.get_raw("/", &[]).cluster_id
+    }
+}
+
+/// Full recursive listing under `prefix` (hidden keys are left out by etcd itself).
+/// Keys are full etcd keys; None marks a directory. The prefix node itself is not included.
+/// A missing prefix gives an empty map.
+pub fn tree(c: &Client, prefix: &str) -> BTreeMap<String, Option<String>> {
+    let r = c.get_raw(prefix, &[("recursive", "true"), ("sorted", "true")]);
+    let mut out = BTreeMap::new();
+    match r.status {
+        200 => {}
+        404 => return out,
+        s => panic!("listing {prefix}: status {s}: {}", r.body),
+    }
+    fn walk(n: &Value, out: &mut BTreeMap<String, Option<String>>) {
+        if let Some(nodes) = n.get("nodes").and_then(Value::as_array) {
+            for child in nodes {
+                let key = child["key"].as_str().unwrap_or("").to_string();
+                if child.get("dir").and_then(Value::as_bool) == Some(true) {
+                    out.insert(key, None);
+                    walk(child, out);
+                } else {
+                    out.insert(key, Some(child["value"].as_str().unwrap_or("").to_string()));
+                }
+            }
+        }
+    }
+    let node = &r.body["node"];
+    if node.get("dir").and_then(Value::as_bool) == Some(true) {
+        walk(node, &mut out);
+    } else {
+        out.insert(
+            node["key"].as_str().unwrap_or("").to_string(),
+            Some(node["value"].as_str().unwrap_or("").to_string()),
+        );
+    }
+    out
+}
+
+/// `tree`, with `prefix` removed from the front of every key ("/replica/a" -> "/a").
+pub fn rel_tree(c: &Client, prefix: &str) -> BTreeMap<String, Option<String>> {
+    let p = prefix.trim_end_matches('/');
+    tree(c, prefix)
+        .into_iter()
+        .map(|(k, v)| (k.strip_prefix(p).unwrap_or(&k).to_string(), v))
+        .collect()
+}
+
+/// Keys that differ between two trees, for failure messages.
+pub fn tree_diff(
+    a: &BTreeMap<String, Option<String>>,
+    b: &BTreeMap<String, Option<String>>,
+) -> String {
+    let mut out = Vec::new();
+    for (k, v) in a {
+        match b.get(k) {
+            None => out.push(format!("only in left: {k:?} = {v:?}")),
+            Some(w) if w != v => out.push(format!("differs: {k:?}: {v:?} vs {w:?}")),
+            _ => {}
+        }
+    }
+    for (k, v) in b {
+        if !a.contains_key(k) {
+            out.push(format!("only in right: {k:?} = {v:?}"));
+        }
+    }
+    let n = out.len();
+    out.truncate(20);
+    format!("{n} differences; first: {}", out.join("; "))
+}
+
+/// The key that holds the replication index on the destination for `dst_prefix`.
+pub fn index_key(dst_prefix: &str) -> String {
+    let p = dst_prefix.trim_end_matches('/');
+    if p.is_empty() {
+        "/__replication/__ROOT__".to_string()
+    } else {
+        format!("/__replication{p}")
+    }
+}
+
+/// The replication index stored on the destination for `dst_prefix`, if any.
+pub fn replication_index(dst: &Client, dst_prefix: &str) -> Option<u64> {
+    dst.get(&index_key(dst_prefix)).map(|v| {
+        v.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("replication index is not a number: {v:?}"))
+    })
+}
+
+/// Set the replication index directly (to start a mirror from a known source index).
+pub fn set_replication_index(dst: &Client, dst_prefix: &str, index: u64) {
+    dst.set(&index_key(dst_prefix), &index.to_string());
+}
+
+/// A real etcd server (v2 API enabled) on free loopback ports; killed and removed on drop.
+pub struct Etcd {
+    pub url: String,
+    pub name: String,
+    pub client_port: u16,
+    pub client: Client,
+    child: Child,
+    scratch: Scratch,
+}
+
+impl std::ops::Deref for Etcd {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl Etcd {
+    pub fn start(tag: &str) -> Etcd {
+        let mut last = String::new();
+        for attempt in 0..8 {
+            match Self::try_start(tag, attempt) {
+                Ok(e) => return e,
+                Err(e) => last = e,
+            }
+        }
+        panic!("could not start etcd: {last}");
+    }
+
+    fn try_start(tag: &str, attempt: usize) -> Result<Etcd, String> {
+        let scratch = Scratch::new(&format!("etcd-{tag}"));
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("{}-{}-{}-{}", sanitize(tag), std::process::id(), n, attempt);
+        let cport = free_port();
+        let pport = free_port();
+        if cport == pport {
+            return Err("same port twice".into());
+        }
+        let curl = format!("http://127.0.0.1:{cport}");
+        let purl = format!("http://127.0.0.1:{pport}");
+        let log = fs::File::create(scratch.path.join("etcd.log")).map_err(|e| e.to_string())?;
+        let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        let mut child = Command::new("etcd")
+            .arg("--name")
+            .arg(&name)
+            .arg("--data-dir")
+            .arg(scratch.path.join("data"))
+            .arg("--enable-v2=true")
+            .arg("--listen-client-urls")
+            .arg(&curl)
+            .arg("--advertise-client-urls")
+            .arg(&curl)
+            .arg("--listen-peer-urls")
+            .arg(&purl)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&purl)
+            .arg("--initial-cluster")
+            .arg(format!("{name}={purl}"))
+            .arg("--initial-cluster-token")
+            .arg(&name)
+            .arg("--logger=zap")
+            .arg("--log-outputs=stderr")
+            .arg("--log-level=warn")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| {
+                format!("spawn etcd: {e} (is etcd installed? apt-get install etcd-server)")
+            })?;
+        let client = Client::new(&curl);
+        // Readiness: our process is alive and the server answering on our port carries our name.
+        let start = Instant::now();
+        let stats_url = format!("{curl}/v2/stats/self");
+        let probe = ureq::Agent::new_with_config(
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(2)))
+                .build(),
+        );
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                let log = fs::read_to_string(scratch.path.join("etcd.log")).unwrap_or_default();
+                return Err(format!(
+                    "etcd exited with {st} during startup: {}",
+                    tail(&log, 5)
+                ));
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("etcd not ready within 20 s".into());
+            }
+            let named = probe
+                .get(&stats_url)
+                .call()
+                .ok()
+                .and_then(|mut r| r.body_mut().read_to_string().ok())
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .map(|v| v["name"].as_str() == Some(name.as_str()))
+                .unwrap_or(false);
+            if named {
+                let r = probe.get(format!("{curl}/v2/keys/")).call();
+                if let Ok(r) = r {
+                    if r.status().as_u16() == 200 {
+                        break;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Etcd {
+            url: curl,
+            name,
+            client_port: cport,
+            client,
+            child,
+            scratch,
+        })
+    }
+
+    /// The URL with basic-auth credentials embedded.
+    pub fn url_with_auth(&self, user: &str, pass: &str) -> String {
+        format!("http://{user}:{pass}@127.0.0.1:{}", self.client_port)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Map an exit status to a code; death by signal S gives 128 + S.
+pub fn status_code(st: ExitStatus) -> i32 {
+    st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
+}
+
+/// Wait for a child to exit, with a bound. Returns the exit code (128 + signal if killed),
+/// or None on timeout (the child is left running).
+pub fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<i32> {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            return Some(status_code(st));
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Send a signal by number using kill(1) (no libc dependency).
+pub fn send_signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -{sig} {pid} failed");
+}
+
+/// A running etcdmirror process; stderr and stdout go to files that can be read back.
+/// Killed (SIGKILL) on drop.
+pub struct Mirror {
+    pub child: Child,
+    pub args: Vec<String>,
+    exit: Option<i32>,
+    stderr_path: PathBuf,
+    stdout_path: PathBuf,
+    _scratch: Scratch,
+}
+
+impl Mirror {
+    /// Start the binary with `args` followed by SRC and DST. `--port 0` is added unless the
+    /// arguments already contain `--port`.
+    pub fn start(args: &[&str], src: &str, dst: &str) -> Mirror {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        if !all
+            .iter()
+            .any(|a| a == "--port" || a.starts_with("--port="))
+        {
+            all.insert(0, "0".into());
+            all.insert(0, "--port".into());
+        }
+        all.push(src.to_string());
+        all.push(dst.to_string());
+        Self::spawn(all)
+    }
+
+    /// Start the binary with exactly these arguments.
+    pub fn spawn(args: Vec<String>) -> Mirror {
+        let scratch = Scratch::new("mirror");
+        let stderr_path = scratch.path.join("stderr");
+        let stdout_path = scratch.path.join("stdout");
+        let child = Command::new(BIN)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout_path).unwrap())
+            .stderr(fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .expect("spawn etcdmirror");
+        Mirror {
+            child,
+            args,
+            exit: None,
+            stderr_path,
+            stdout_path,
+            _scratch: scratch,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn stdout(&self) -> String {
+        fs::read_to_string(&self.stdout_path).unwrap_or_default()
+    }
+
+    /// The exit code if the process has exited (128 + signal if killed by one).
+    pub fn exited(&mut self) -> Option<i32> {
+        if self.exit.is_none() {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                self.exit = Some(status_code(st));
+            }
+        }
+        self.exit
+    }
+
+    pub fn is_alive(&mut self) -> bool {
+        self.exited().is_none()
+    }
+
+    /// Wait for exit with a bound; None on timeout.
+    pub fn wait_exit_timeout(&mut self, timeout: Duration) -> Option<i32> {
+        if self.exit.is_none() {
+            self.exit = wait_for_exit(&mut self.child, timeout);
+        }
+        self.exit
+    }
+
+    /// Wait for exit with a bound; panics (with the stderr tail) on timeout.
+    #[track_caller]
+    pub fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        match self.wait_exit_timeout(timeout) {
+            Some(c) => c,
+            None => panic!(
+                "etcdmirror {:?} did not exit within {timeout:?}; stderr tail:\n{}",
+                self.args,
+                tail(&self.stderr(), 30)
+            ),
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) -> i32 {
+        let _ = self.child.kill();
+        self.wait_exit(Duration::from_secs(10))
+    }
+
+    /// Send SIGTERM (does not wait).
+    pub fn terminate(&self) {
+        send_signal(self.pid(), "TERM");
+    }
+
+    /// Panic with the stderr tail if the process has exited.
+    #[track_caller]
+    pub fn assert_alive(&mut self, context: &str) {
+        if let Some(code) = self.exited() {
+            panic!(
+                "etcdmirror exited unexpectedly with {code} ({context}); stderr tail:\n{}",
+                tail(&self.stderr(), 40)
+            );
+        }
+    }
+
+    /// Poll `cond` with a bound while checking that the mirror stays alive; fails fast (with
+    /// the mirror's stderr) if it exits or on timeout.
+    #[track_caller]
+    pub fn wait_for(&mut self, timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+        let start = Instant::now();
+        loop {
+            if cond() {
+                return;
+            }
+            self.assert_alive(&format!("while waiting for: {what}"));
+            if start.elapsed() > timeout {
+                panic!(
+                    "timed out after {timeout:?} waiting for: {what}; etcdmirror stderr tail:\n{}",
+                    tail(&self.stderr(), 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wait (with a bound, failing fast if the process exits) until stderr contains `needle`.
+    #[track_caller]
+    pub fn wait_log(&mut self, timeout: Duration, needle: &str) {
+        let path = self.stderr_path.clone();
+        self.wait_for(timeout, &format!("{needle:?} in the log"), || {
+            fs::read_to_string(&path).is_ok_and(|s| s.contains(needle))
+        });
+    }
+
+    /// Wait until the destination's replication index (for `dst_prefix`) is at least `index`.
+    #[track_caller]
+    pub fn wait_index(&mut self, dst: &Client, dst_prefix: &str, index: u64) {
+        self.wait_for(
+            Duration::from_secs(30),
+            &format!("replication index {} >= {index}", index_key(dst_prefix)),
+            || replication_index(dst, dst_prefix).is_some_and(|i| i >= index),
+        );
+    }
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- etcdmirror {:?} stderr tail ----\n{}",
+                self.args,
+                tail(&self.stderr(), 40)
+            );
+        }
+    }
+}
+
+/// A source and a destination server.
+pub struct Pair {
+    pub src: Etcd,
+    pub dst: Etcd,
+}
+
+impl Pair {
+    pub fn start(tag: &str) -> Pair {
+        Pair {
+            src: Etcd::start(&format!("{tag}-src")),
+            dst: Etcd::start(&format!("{tag}-dst")),
+        }
+    }
+
+    /// Set the destination's index to the source's current index and start a mirror (no
+    /// --reload): everything written on the source afterwards must be replicated.
+    pub fn mirror_from_now(&self, args: &[&str], dst_prefix: &str) -> Mirror {
+        set_replication_index(&self.dst, dst_prefix, self.src.current_index());
+        Mirror::start(args, &self.src.url, &self.dst.url)
+    }
+}
+
+/// Tiny deterministic PRNG (xorshift64*).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in 0..n.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// True if some word starting with `stem` (case-insensitive) has the number `n` as a
+/// neighbouring token, e.g. "3 creates", "creates: 3", "create=3".
+pub fn mentions_count(text: &str, stem: &str, n: usize) -> bool {
+    let tokens: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|t| !t.is_empty())
+        .map(|t| t.to_lowercase())
+        .collect();
+    let n = n.to_string();
+    let stem = stem.to_lowercase();
+    tokens.iter().enumerate().any(|(i, t)| {
+        t.starts_with(&stem)
+            && ((i > 0 && tokens[i - 1] == n) || tokens.get(i + 1).is_some_and(|x| *x == n))
+    })
+}
+
+impl Mirror {
+    /// Wait until the destination index reaches the source's current index, then until the
+    /// source subtree `src_prefix` and the destination subtree `dst_subtree` hold the same
+    /// relative keys and values. `dst_prefix` is the mirror's --dst-prefix (for the index key).
+    #[track_caller]
+    pub fn wait_synced(
+        &mut self,
+        src: &Client,
+        src_prefix: &str,
+        dst: &Client,
+        dst_subtree: &str,
+        dst_prefix: &str,
+        what: &str,
+    ) {
+        let n = src.current_index();
+        self.wait_index(dst, dst_prefix, n);
+        let ok = poll_until(Duration::from_secs(10), || {
+            rel_tree(src, src_prefix) == rel_tree(dst, dst_subtree)
+        });
+        if !ok {
+            let a = rel_tree(src, src_prefix);
+            let b = rel_tree(dst, dst_subtree);
+            panic!(
+                "after {what}: source {src_prefix} and destination {dst_subtree} differ \
+                 (left = source): {}\netcdmirror stderr tail:\n{}",
+                tree_diff(&a, &b),
+                tail(&self.stderr(), 30)
+            );
+        }
+        self.assert_alive(what);
+    }
+}

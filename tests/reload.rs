@@ -1,0 +1,468 @@
+//! --reload: diff-based copy that never shrinks the replica below its final content, the
+//! guards (same cluster, mass delete), both-empty start, --dry-run.
+
+mod common;
+
+use common::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Write `items` with `threads` parallel writers.
+fn write_parallel(c: &Client, items: &[(String, String)], threads: usize) {
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            let c = c.clone();
+            let next = &next;
+            s.spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((k, v)) = items.get(i) else { break };
+                c.set(k, v);
+            });
+        }
+    });
+}
+
+#[test]
+fn reload_20000_keys_never_shrinks_the_replica() {
+    const N: usize = 20_000;
+    let p = Pair::start("reload-big");
+    let t = Instant::now();
+    let src_items: Vec<(String, String)> = (0..N)
+        .map(|i| (format!("/big/d{:02}/k{i:05}", i % 20), format!("v{i}")))
+        .collect();
+    let mut dst_items: Vec<(String, String)> = (0..N / 2)
+        .map(|i| {
+            let v = if i % 7 == 0 {
+                format!("old{i}")
+            } else {
+                format!("v{i}")
+            };
+            (format!("/replica/d{:02}/k{i:05}", i % 20), v)
+        })
+        .collect();
+    for i in 0..1000 {
+        dst_items.push((format!("/replica/extra/e{i:04}"), "delete me".into()));
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| write_parallel(&p.src, &src_items, 6));
+        s.spawn(|| write_parallel(&p.dst, &dst_items, 6));
+    });
+    p.dst.set("/replica/_hidden_keep", "left alone");
+    let snapshot = p.src.current_index();
+    println!(
+        "wrote {} keys in {:.1} s",
+        N + dst_items.len(),
+        t.elapsed().as_secs_f64()
+    );
+
+    let expected: BTreeMap<String, Option<String>> = rel_tree(&p.src, "/big")
+        .into_iter()
+        .map(|(k, v)| (format!("/replica{k}"), v))
+        .collect();
+    assert_eq!(expected.values().filter(|v| v.is_some()).count(), N);
+    let initial = tree(&p.dst, "/replica");
+    // keys present at the start that must be present at the end: never absent in between
+    let must_stay: BTreeSet<String> = initial
+        .keys()
+        .filter(|k| expected.contains_key(*k))
+        .cloned()
+        .collect();
+    // and those whose value is already right must keep it
+    let stable: BTreeMap<String, Option<String>> = initial
+        .iter()
+        .filter(|(k, v)| expected.get(*k) == Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    println!(
+        "destination: {} keys at start, {} must stay, {} already right; expected {} at the end",
+        initial.len(),
+        must_stay.len(),
+        stable.len(),
+        expected.len()
+    );
+
+    let stop = AtomicBool::new(false);
+    let polls = AtomicUsize::new(0);
+    let min_count = AtomicUsize::new(usize::MAX);
+    let violations: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut m = None;
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        let dst = p.dst.client.clone();
+        let (stop, polls, min_count, violations) = (&stop, &polls, &min_count, &violations);
+        let (must_stay, stable) = (&must_stay, &stable);
+        s.spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let now = tree(&dst, "/replica");
+                polls.fetch_add(1, Ordering::Relaxed);
+                min_count.fetch_min(now.len(), Ordering::Relaxed);
+                let mut v = violations.lock().unwrap();
+                if v.len() < 20 {
+                    if let Some(k) = must_stay.iter().find(|k| !now.contains_key(*k)) {
+                        v.push(format!(
+                            "poll {}: {k} missing ({} keys listed)",
+                            polls.load(Ordering::Relaxed),
+                            now.len()
+                        ));
+                    }
+                    if let Some((k, want)) = stable.iter().find(|(k, w)| now.get(*k) != Some(*w)) {
+                        v.push(format!(
+                            "poll {}: {k} was {want:?}, now {:?}",
+                            polls.load(Ordering::Relaxed),
+                            now.get(k)
+                        ));
+                    }
+                }
+            }
+        });
+        let mut mirror = Mirror::start(
+            &["--reload", "--src-prefix", "/big", "--strip"],
+            &p.src.url,
+            &p.dst.url,
+        );
+        // the index is created at the end of the reload
+        mirror.wait_for(
+            Duration::from_secs(240),
+            "reload finished (index key)",
+            || replication_index(&p.dst, "/replica").is_some_and(|i| i >= snapshot),
+        );
+        println!("reload took {:.1} s", t.elapsed().as_secs_f64());
+        // one more poll after the end
+        let p0 = polls.load(Ordering::Relaxed);
+        wait_until(Duration::from_secs(60), "one more poll", || {
+            polls.load(Ordering::Relaxed) > p0 + 1
+        });
+        stop.store(true, Ordering::Relaxed);
+        m = Some(mirror);
+    });
+    let mut m = m.unwrap();
+    let v = violations.into_inner().unwrap();
+    println!(
+        "{} polls, smallest listing {} keys",
+        polls.load(Ordering::Relaxed),
+        min_count.load(Ordering::Relaxed)
+    );
+    assert!(v.is_empty(), "the replica shrank during the reload: {v:#?}");
+    // creates and updates come before deletes: the listing never has fewer keys than at
+    // the start (the final content is larger here)
+    assert!(
+        min_count.load(Ordering::Relaxed) >= initial.len().min(expected.len()),
+        "the listing dropped to {} keys (started with {})",
+        min_count.load(Ordering::Relaxed),
+        initial.len()
+    );
+    assert!(
+        polls.load(Ordering::Relaxed) >= 3,
+        "too few polls to prove anything"
+    );
+
+    let now = tree(&p.dst, "/replica");
+    assert!(
+        now == expected,
+        "after reload: {}",
+        tree_diff(&expected, &now)
+    );
+    let idx = replication_index(&p.dst, "/replica").unwrap();
+    assert!(idx >= snapshot, "index {idx} < source snapshot {snapshot}");
+    assert_eq!(
+        p.dst.get("/replica/_hidden_keep").as_deref(),
+        Some("left alone"),
+        "reload touched a hidden key"
+    );
+    // and it keeps replicating
+    p.src.set("/big/d00/after", "reload");
+    m.wait_synced(
+        &p.src,
+        "/big",
+        &p.dst,
+        "/replica",
+        "/replica",
+        "write after reload",
+    );
+}
+
+#[test]
+fn reload_refuses_same_cluster_unless_forced() {
+    let e = Etcd::start("same");
+    e.set("/a/k1", "1");
+    e.set("/a/d/k2", "2");
+    let mut m = Mirror::start(
+        &["--reload", "--src-prefix", "/a", "--dst-prefix", "/b"],
+        &e.url,
+        &e.url,
+    );
+    let code = m.wait_exit(Duration::from_secs(30));
+    let err = m.stderr();
+    assert_eq!(code, 2, "stderr:\n{err}");
+    assert!(err.contains("--force"), "message must name --force:\n{err}");
+    assert!(!e.exists("/b"), "refused reload wrote to the destination");
+    assert!(replication_index(&e, "/b").is_none());
+
+    let mut m = Mirror::start(
+        &[
+            "--reload",
+            "--force",
+            "--src-prefix",
+            "/a",
+            "--dst-prefix",
+            "/b",
+        ],
+        &e.url,
+        &e.url,
+    );
+    m.wait_for(
+        Duration::from_secs(30),
+        "forced reload copies /a to /b/a",
+        || replication_index(&e, "/b").is_some() && rel_tree(&e, "/a") == rel_tree(&e, "/b/a"),
+    );
+    e.set("/a/k3", "3");
+    m.wait_synced(&e, "/a", &e, "/b/a", "/b", "write after forced reload");
+}
+
+#[test]
+fn reload_refuses_mass_delete_unless_forced() {
+    let p = Pair::start("massdel");
+    for i in 0..10 {
+        p.dst.set(&format!("/replica/conftool/k{i}"), "v");
+    }
+    p.dst.set("/__replication/replica", "3");
+    p.src.set("/other", "x");
+    let before = tree(&p.dst, "/replica");
+    // the plan deletes all 11 destination keys (and creates /replica/other)
+    let mut m = Mirror::start(&["--reload"], &p.src.url, &p.dst.url);
+    let code = m.wait_exit(Duration::from_secs(30));
+    let err = m.stderr();
+    assert_eq!(code, 2, "stderr:\n{err}");
+    assert!(err.contains("--force"), "message must name --force:\n{err}");
+    assert_eq!(
+        tree(&p.dst, "/replica"),
+        before,
+        "refused reload changed the replica"
+    );
+    assert_eq!(p.dst.get("/__replication/replica").as_deref(), Some("3"));
+
+    let mut m = Mirror::start(
+        &["--reload", "--src-prefix", "/conftool"],
+        &p.src.url,
+        &p.dst.url,
+    );
+    let code = m.wait_exit(Duration::from_secs(30));
+    let err = m.stderr();
+    assert_eq!(
+        code, 2,
+        "empty source prefix over a populated replica; stderr:\n{err}"
+    );
+    assert!(err.contains("--force"), "message must name --force:\n{err}");
+    assert_eq!(
+        tree(&p.dst, "/replica"),
+        before,
+        "refused reload changed the replica"
+    );
+    assert_eq!(p.dst.get("/__replication/replica").as_deref(), Some("3"));
+
+    let mut m = Mirror::start(
+        &["--reload", "--force", "--src-prefix", "/conftool"],
+        &p.src.url,
+        &p.dst.url,
+    );
+    m.wait_for(
+        Duration::from_secs(30),
+        "forced reload empties the replica",
+        || {
+            tree(&p.dst, "/replica/conftool").is_empty()
+                && replication_index(&p.dst, "/replica").is_some_and(|i| i > 3)
+        },
+    );
+    p.src.set("/conftool/new", "n");
+    m.wait_synced(
+        &p.src,
+        "/conftool",
+        &p.dst,
+        "/replica/conftool",
+        "/replica",
+        "write after forced reload",
+    );
+}
+
+#[test]
+fn reload_on_two_empty_clusters_needs_no_force() {
+    let p = Pair::start("empty");
+    let mut m = Mirror::start(&["--reload"], &p.src.url, &p.dst.url);
+    m.wait_for(Duration::from_secs(30), "index created", || {
+        replication_index(&p.dst, "/replica").is_some()
+    });
+    m.wait_log(Duration::from_secs(10), "Starting replication at");
+    p.src.set("/first", "key");
+    m.wait_synced(
+        &p.src,
+        "/",
+        &p.dst,
+        "/replica",
+        "/replica",
+        "first key after reload",
+    );
+}
+
+#[test]
+fn reload_skips_ignored_and_hidden_keys_and_keeps_replicating() {
+    let p = Pair::start("reload-filter");
+    p.src.set("/app/a", "1");
+    p.src.set("/app/_hidden", "h");
+    p.src.set("/spicerack/locks/etcd/x", "ignored");
+    p.src.set("/__replication/replica", "12345");
+    p.dst.set("/replica/app/a", "stale");
+    p.dst.set("/replica/app/b", "extra");
+    p.dst.set("/replica/app/c", "keep");
+    p.src.set("/app/c", "keep");
+    p.src.set("/app/d", "keep");
+    p.dst.set("/replica/app/_dst_hidden", "dst hidden");
+    let snapshot = p.src.current_index();
+    let mut m = Mirror::start(
+        &[
+            "--reload",
+            "--src-ignore-keys-regex",
+            "/spicerack/locks/etcd(/.*)?",
+        ],
+        &p.src.url,
+        &p.dst.url,
+    );
+    m.wait_for(Duration::from_secs(30), "reload done", || {
+        replication_index(&p.dst, "/replica").is_some_and(|i| i >= snapshot)
+    });
+    let want: BTreeMap<String, Option<String>> = [
+        ("/replica/app", None),
+        ("/replica/app/a", Some("1")),
+        ("/replica/app/c", Some("keep")),
+        ("/replica/app/d", Some("keep")),
+        // the parents of the ignored key are not ignored themselves
+        ("/replica/spicerack", None),
+        ("/replica/spicerack/locks", None),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+    .collect();
+    let now = tree(&p.dst, "/replica");
+    assert!(now == want, "{}", tree_diff(&want, &now));
+    assert!(!p.dst.exists("/replica/app/_hidden"));
+    assert!(!p.dst.exists("/replica/spicerack/locks/etcd/x"));
+    assert!(!p.dst.exists("/replica/__replication"));
+    assert_eq!(
+        p.dst.get("/replica/app/_dst_hidden").as_deref(),
+        Some("dst hidden")
+    );
+    let idx = replication_index(&p.dst, "/replica").unwrap();
+    assert!(idx < 12345, "index copied from the source's /__replication");
+    p.src.set("/app/e", "live");
+    m.wait_index(&p.dst, "/replica", p.src.current_index());
+    assert_eq!(p.dst.get("/replica/app/e").as_deref(), Some("live"));
+}
+
+#[test]
+fn dry_run_prints_plan_and_writes_nothing() {
+    let p = Pair::start("dryrun");
+    // source: 5 unchanged, 2 to update, 4 to create
+    for i in 0..11 {
+        p.src.set(&format!("/app/k{i:02}"), &format!("v{i}"));
+    }
+    // destination: 5 identical, 2 differing, 1 extra (to delete)
+    for i in 0..7 {
+        let v = if i < 5 {
+            format!("v{i}")
+        } else {
+            "stale".into()
+        };
+        p.dst.set(&format!("/replica/app/k{i:02}"), &v);
+    }
+    p.dst.set("/replica/app/extra", "x");
+    p.dst.set("/__replication/replica", "2");
+    let before = tree(&p.dst, "/");
+    let dst_index_before = p.dst.current_index();
+
+    let mut m = Mirror::start(
+        &["--reload", "--dry-run", "--src-prefix", "/app"],
+        &p.src.url,
+        &p.dst.url,
+    );
+    let code = m.wait_exit(Duration::from_secs(30));
+    let out = m.stdout() + &m.stderr();
+    assert_eq!(code, 0, "output:\n{out}");
+    assert_eq!(tree(&p.dst, "/"), before, "dry run changed the destination");
+    assert_eq!(p.dst.get("/__replication/replica").as_deref(), Some("2"));
+    assert_eq!(
+        p.dst.current_index(),
+        dst_index_before,
+        "dry run wrote to the destination (its X-Etcd-Index moved)"
+    );
+    // the plan: 4 creates, 2 updates, 1 delete
+    assert!(
+        mentions_count(&out, "create", 4),
+        "plan must count 4 creates:\n{out}"
+    );
+    assert!(
+        mentions_count(&out, "update", 2),
+        "plan must count 2 updates:\n{out}"
+    );
+    assert!(
+        mentions_count(&out, "delete", 1),
+        "plan must count 1 delete:\n{out}"
+    );
+}
+
+#[test]
+fn reload_cut_short_by_a_crash_needs_another_reload() {
+    let p = Pair::start("reload-crash");
+    let items: Vec<(String, String)> = (0..8000)
+        .map(|i| (format!("/app/d{}/k{i:05}", i % 10), format!("v{i}")))
+        .collect();
+    write_parallel(&p.src, &items, 6);
+    p.dst.set("/replica/app/old", "x");
+    for (k, v) in &items[..5] {
+        p.dst.set(&k.replacen("/app", "/replica/app", 1), v);
+    }
+    set_replication_index(&p.dst, "/replica", 3);
+    let mut m = Mirror::start(&["--reload"], &p.src.url, &p.dst.url);
+    // the reload removes the index before its first write; kill it in the middle
+    m.wait_for(
+        Duration::from_secs(60),
+        "reload removes the index key",
+        || replication_index(&p.dst, "/replica").is_none(),
+    );
+    m.wait_for(Duration::from_secs(60), "reload wrote something", || {
+        p.dst.exists("/replica/app/d5") || p.dst.exists("/replica/app/d9")
+    });
+    m.kill();
+    assert!(
+        replication_index(&p.dst, "/replica").is_none(),
+        "the reload finished before it could be killed: the test proves nothing"
+    );
+    let partial = tree(&p.dst, "/replica").len();
+    println!("killed the reload with {partial} destination keys");
+
+    // a plain restart refuses to replay onto the half-copied tree
+    let mut m = Mirror::start(&[], &p.src.url, &p.dst.url);
+    let code = m.wait_exit(Duration::from_secs(30));
+    let err = m.stderr();
+    assert_eq!(code, 2, "stderr:\n{err}");
+    assert!(
+        err.contains("--reload"),
+        "message must mention --reload:\n{err}"
+    );
+
+    // another --reload finishes the job
+    let mut m = Mirror::start(&["--reload"], &p.src.url, &p.dst.url);
+    m.wait_for(Duration::from_secs(120), "second reload done", || {
+        replication_index(&p.dst, "/replica").is_some()
+    });
+    p.src.set("/app/after", "a");
+    m.wait_synced(
+        &p.src,
+        "/",
+        &p.dst,
+        "/replica",
+        "/replica",
+        "reload after a crashed reload",
+    );
+}
