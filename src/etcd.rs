@@ -128,15 +128,60 @@ pub enum Written {
     },
 }
 
-/// Result of one watch round trip.
-#[derive(Debug)]
-pub enum Watch {
-    /// An event, and the store index the server reported.
-    Event(Event, Option<u64>),
-    /// No event under the prefix up to this store index (the index at registration).
-    Quiet(Option<u64>),
+/// What opening a streamed watch gave.
+pub enum Opened {
+    Stream(Stream),
     /// The requested index has left the source's history.
     Cleared(String),
+}
+
+/// A streamed watch (`stream=true`): events arrive one JSON line each on one response.
+pub struct Stream {
+    reader: std::io::BufReader<ureq::BodyReader<'static>>,
+    /// The store index when the watch was registered (`X-Etcd-Index` of the headers).
+    pub registered: Option<u64>,
+}
+
+/// The next thing a stream delivered.
+#[derive(Debug)]
+pub enum Next {
+    Event(Event),
+    /// Nothing arrived within the read timeout.
+    Quiet,
+    /// The server or a proxy ended the response.
+    Closed,
+}
+
+impl Stream {
+    /// Wait for the next event, up to the read timeout the stream was opened with.
+    /// An error is a broken stream: reconnect.
+    pub fn next(&mut self) -> std::result::Result<Next, String> {
+        use std::io::BufRead;
+        let mut line = Vec::new();
+        loop {
+            match self.reader.read_until(b'\n', &mut line) {
+                Ok(0) => return Ok(Next::Closed),
+                Ok(_) if line.iter().all(u8::is_ascii_whitespace) => line.clear(),
+                Ok(_) => return Event::parse(&line).map(Next::Event),
+                Err(e) => {
+                    let e = ureq::Error::from(e);
+                    // A partial line is dropped with the connection; its event is
+                    // fetched again from the history by the next registration.
+                    return if is_timeout(&e) {
+                        Ok(Next::Quiet)
+                    } else {
+                        Err(e.to_string())
+                    };
+                }
+            }
+        }
+    }
+
+    /// True when `ev` came from the history rather than from a live registration: the
+    /// server then sends nothing more on this response (see the etcd facts).
+    pub fn replayed(&self, ev: &Event) -> bool {
+        self.registered.is_none_or(|x| ev.node.modified_index <= x)
+    }
 }
 
 /// What a GET found, with the response's store index and cluster id.
@@ -285,7 +330,7 @@ impl Client {
         method: &str,
         url: &str,
         body: Option<String>,
-        body_timeout: Option<Duration>,
+        idle_read: Option<Duration>,
     ) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error> {
         let mut req = ureq::http::Request::builder().method(method).uri(url);
         if let Some(auth) = &self.auth {
@@ -299,8 +344,8 @@ impl Client {
             .body(body.unwrap_or_default())
             .map_err(ureq::Error::from)?;
         let mut req = self.agent.configure_request(req);
-        if let Some(t) = body_timeout {
-            req = req.timeout_recv_body(Some(t));
+        if let Some(t) = idle_read {
+            req = req.timeout_recv_body(None).timeout_per_read(Some(t));
         }
         self.agent.run(req.build())
     }
@@ -467,51 +512,39 @@ impl Client {
         self.write("DELETE", &url, None, &format!("DELETE {key}"))
     }
 
-    /// One long-poll watch from `wait_index`, given up after `poll` without an event.
-    pub fn watch(&self, prefix: &str, wait_index: u64, poll: Duration) -> Result<Watch> {
+    /// Open a streamed watch of `prefix` from `wait_index`. Each read waits at most `idle`.
+    pub fn stream(&self, prefix: &str, wait_index: u64, idle: Duration) -> Result<Opened> {
         let query = [
             ("wait", "true".to_string()),
             ("recursive", "true".to_string()),
+            ("stream", "true".to_string()),
             ("waitIndex", wait_index.to_string()),
         ];
         let url = self.url(prefix, &query);
         let what = format!("watch {prefix} from {wait_index}");
-        let (w, _) = self.retrying(&what, || {
-            let mut resp = match self.request("GET", &url, None, Some(poll)) {
+        let (opened, _) = self.retrying(&what, || {
+            let resp = match self.request("GET", &url, None, Some(idle)) {
                 Ok(r) => r,
                 Err(e) => return failed(e, self.name()),
             };
             let status = resp.status().as_u16();
-            let index = header_u64(&resp, "x-etcd-index");
-            let body = match read_body(&mut resp) {
-                Ok(b) => b,
-                Err(e) if is_timeout(&e) && status == 200 => {
-                    return Attempt::Ok(Watch::Quiet(index))
-                }
-                Err(e) => return Attempt::Retry(format!("reading the watch response: {e}")),
-            };
-            if status >= 500 {
-                return Attempt::Retry(format!("HTTP {status}"));
-            }
+            let registered = header_u64(&resp, "x-etcd-index");
+            let mut resp = resp;
             if status != 200 {
+                let body = read_body(&mut resp).unwrap_or_default();
                 return match etcd_error(&body) {
-                    Some((EVENT_INDEX_CLEARED, msg)) => Attempt::Ok(Watch::Cleared(msg)),
-                    Some((code, msg)) => Attempt::Fatal(Error::Usage(format!(
+                    Some((EVENT_INDEX_CLEARED, msg)) => Attempt::Ok(Opened::Cleared(msg)),
+                    Some((code, msg)) if status < 500 => Attempt::Fatal(Error::Usage(format!(
                         "{what} on {} refused: etcd error {code}: {msg}",
                         self.name()
                     ))),
-                    None => Attempt::Retry(format!("HTTP {status} without an etcd error body")),
+                    _ => Attempt::Retry(format!("HTTP {status}")),
                 };
             }
-            if body.iter().all(u8::is_ascii_whitespace) {
-                return Attempt::Ok(Watch::Quiet(index));
-            }
-            match Event::parse(&body) {
-                Ok(ev) => Attempt::Ok(Watch::Event(ev, index)),
-                Err(e) => Attempt::Retry(e),
-            }
+            let reader = std::io::BufReader::new(resp.into_body().into_reader());
+            Attempt::Ok(Opened::Stream(Stream { reader, registered }))
         })?;
-        Ok(w)
+        Ok(opened)
     }
 }
 

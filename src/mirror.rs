@@ -2,11 +2,11 @@
 
 use std::time::{Duration, Instant};
 
-use log::{debug, info};
+use log::{debug, info, warn};
 
 use crate::cli::Config;
 use crate::error::{Error, Result};
-use crate::etcd::{Client, Cond, Watch, Written};
+use crate::etcd::{Client, Cond, Next, Opened, Stream, Written};
 use crate::keys::{KeyMap, Route};
 use crate::metrics;
 use crate::plan::{plan_event, plan_subtree_event, Op, State};
@@ -171,7 +171,7 @@ impl Pacer {
             Some(r) if r > 0.0 => Duration::from_secs_f64(EVENTS_PER_ROUND / r),
             Some(_) => self.quiet,
         };
-        by_rate.min(self.quiet).max(Duration::from_millis(10))
+        by_rate.min(self.quiet).max(Duration::from_millis(25))
     }
 }
 
@@ -190,6 +190,7 @@ pub struct Mirror<'a> {
     /// between its write and its index write).
     first: bool,
     pacer: Pacer,
+    retry_timeout: Duration,
 }
 
 impl<'a> Mirror<'a> {
@@ -204,6 +205,7 @@ impl<'a> Mirror<'a> {
             last_record: Instant::now(),
             first: true,
             pacer: Pacer::new(cfg.watch_timeout),
+            retry_timeout: cfg.retry_timeout,
         }
     }
 
@@ -211,35 +213,90 @@ impl<'a> Mirror<'a> {
     pub fn run(&mut self) -> Result<()> {
         info!("Starting replication at {}", self.index);
         metrics::update(|s| s.replicated_index = self.index);
+        let mut broken_since: Option<Instant> = None;
         loop {
-            let poll = self.pacer.poll_timeout();
-            let watched = self
-                .src
-                .watch(&self.keys.src_prefix, self.index + 1, poll)?;
-            match watched {
-                Watch::Event(ev, header) => {
-                    self.pacer.observe(Instant::now(), header);
-                    self.apply(ev)?;
+            let idle = self.pacer.poll_timeout();
+            let from = self.index + 1;
+            let mut stream = match self.src.stream(&self.keys.src_prefix, from, idle)? {
+                Opened::Stream(s) => s,
+                Opened::Cleared(msg) => {
+                    return Err(Error::IndexCleared(format!(
+                        "watch from index {from} on {}: {msg}",
+                        self.src.name()
+                    )))
                 }
-                Watch::Quiet(header) => {
-                    self.pacer.observe(Instant::now(), header);
+            };
+            self.pacer.observe(Instant::now(), stream.registered);
+            self.saw_source(stream.registered);
+            match self.follow(&mut stream)? {
+                None => broken_since = None,
+                Some(why) => {
+                    // A stream that opens but then breaks (reset, garbage) is a transient
+                    // fault too: retry it within the same budget.
+                    let since = *broken_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > self.retry_timeout {
+                        return Err(Error::Transient(format!(
+                            "watch on {}: {why}",
+                            self.src.name()
+                        )));
+                    }
+                    warn!("watch on {} broke ({why}); reconnecting", self.src.name());
+                    metrics::update(|s| s.retries += 1);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    /// Apply what one stream delivers until it must be renewed; `Some(why)` when it broke.
+    fn follow(&mut self, stream: &mut Stream) -> Result<Option<String>> {
+        let mut delivered = false;
+        loop {
+            let next = match stream.next() {
+                Ok(n) => n,
+                Err(why) => return Ok(Some(why)),
+            };
+            match next {
+                Next::Event(ev) => {
+                    delivered = true;
+                    let replayed = stream.replayed(&ev);
+                    let idx = ev.node.modified_index;
+                    if replayed {
+                        debug!("index {idx} was replayed from the history; renewing the watch");
+                    } else {
+                        debug!("index {idx} arrived live on the stream");
+                    }
+                    self.saw_source(Some(idx));
+                    self.apply(ev)?;
+                    if replayed {
+                        return Ok(None);
+                    }
+                }
+                // A stream that ends with no event at all (a proxy closing the poll early) says
+                // as much as a quiet one; pause so that such a proxy cannot make us spin.
+                Next::Closed if delivered => return Ok(None),
+                Next::Closed | Next::Quiet => {
+                    if matches!(next, Next::Closed) {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                     // The headers were sent when the watch was registered: no event under
                     // the prefix up to that index, so it counts as replicated.
-                    if let Some(x) = header.filter(|&x| x > self.index) {
+                    if let Some(x) = stream.registered.filter(|&x| x > self.index) {
                         debug!("no event under {} up to {x}", self.keys.src_prefix);
                         self.index = x;
                     }
                     self.record(false)?;
-                }
-                Watch::Cleared(msg) => {
-                    return Err(Error::IndexCleared(format!(
-                        "watch from index {} on {}: {msg}",
-                        self.index + 1,
-                        self.src.name()
-                    )))
+                    return Ok(None);
                 }
             }
         }
+    }
+
+    fn saw_source(&self, index: Option<u64>) {
+        metrics::update(|s| {
+            s.source_index = s.source_index.max(index.unwrap_or(0));
+            s.last_watch = Some(Instant::now());
+        });
     }
 
     fn apply(&mut self, ev: crate::etcd::Event) -> Result<()> {

@@ -1,0 +1,84 @@
+//! The streamed watch: switching between history replays and live streaming never misses,
+//! reorders or doubles an event.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+/// Three writers, 180 mixed events in prefix; returns when they are done.
+fn burst(src_url: &str, round: u64) {
+    let writers: Vec<_> = (0..3u64)
+        .map(|w| {
+            let url = src_url.to_string();
+            std::thread::spawn(move || {
+                let c = Client::new(&url);
+                let mut rng = Rng::new(1 + round * 10 + w);
+                for i in 0..60u64 {
+                    let key = format!("/s/w{w}/k{}", rng.below(8));
+                    match rng.below(10) {
+                        0..=5 => {
+                            c.set(&key, &format!("r{round} i{i} {}", rng.below(1000)));
+                        }
+                        6..=7 => {
+                            c.delete(&key, &[]);
+                        }
+                        _ => {
+                            if let Some(v) = c.get(&key).filter(|v| !v.is_empty()) {
+                                c.put(&key, &[("value", "cas"), ("prevValue", &v)]);
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+}
+
+/// Odd rounds write while the mirror is down (the next mirror replays them from the history,
+/// one registration each, then goes live); even rounds write while it streams live, after a
+/// pause longer than the renewal interval.
+#[test]
+fn history_replays_and_live_streaming_alternate_without_losing_events() {
+    let pair = Pair::start("stream-switch");
+    let args = ["--port", "0", "-d", "--watch-timeout", "0.3"];
+    let mut m = pair.mirror_from_now(&args, "/replica");
+    m.wait_log(Duration::from_secs(10), "Starting replication at");
+    let (mut replayed, mut live) = (0, 0);
+    for round in 0..8u64 {
+        if round % 2 == 1 {
+            m.terminate();
+            assert_eq!(m.wait_exit(Duration::from_secs(5)), 128 + 15);
+            burst(&pair.src.url, round);
+            let log = m.stderr();
+            replayed += log.matches("was replayed from the history").count();
+            live += log.matches("arrived live on the stream").count();
+            m = Mirror::start(&args, &pair.src.url, &pair.dst.url);
+        } else {
+            std::thread::sleep(Duration::from_millis(400));
+            burst(&pair.src.url, round);
+        }
+        m.wait_index(&pair.dst, "/replica", pair.src.current_index());
+        m.wait_synced(
+            &pair.src,
+            "/s",
+            &pair.dst,
+            "/replica/s",
+            "/replica",
+            "after a round",
+        );
+    }
+    let log = m.stderr();
+    replayed += log.matches("was replayed from the history").count();
+    live += log.matches("arrived live on the stream").count();
+    eprintln!("events replayed from the history: {replayed}, arrived live: {live}");
+    assert!(
+        replayed >= 4 * 100,
+        "expected history replays, saw {replayed}"
+    );
+    assert!(live >= 4 * 100, "expected live stream events, saw {live}");
+    m.assert_alive("after the workload");
+}
