@@ -107,6 +107,12 @@ impl KeyMap {
         Route::Mirror(self.map_below(rest))
     }
 
+    /// True when, on one cluster, the mirror's writes would land in the subtree it watches.
+    pub fn feeds_itself(&self) -> bool {
+        let root = self.dst_root();
+        below(&root, &self.src_prefix).is_some() || below(&self.src_prefix, &root).is_some()
+    }
+
     /// The source key a destination key below `dst_root()` mirrors (used by `--reload`).
     pub fn source_of(&self, dst_key: &str) -> Option<String> {
         below(dst_key, &self.dst_root()).map(|rest| join(&self.src_prefix, rest))
@@ -208,6 +214,15 @@ mod tests {
             m.route("/a/spicerack/locks/etcd"),
             mirror("/a/spicerack/locks/etcd")
         );
+    }
+
+    #[test]
+    fn overlapping_subtrees_feed_themselves() {
+        assert!(map("/", "/replica", false, None).feeds_itself());
+        assert!(map("/a", "/", true, None).feeds_itself());
+        assert!(!map("/a", "/b", false, None).feeds_itself());
+        assert!(!map("/a", "/b", true, None).feeds_itself());
+        assert!(map("/a", "/a/copy", true, None).feeds_itself());
     }
 
     #[test]

@@ -63,6 +63,20 @@ fn run(cfg: &Config) -> Result<()> {
     }
     let src = Client::new(&cfg.src, cfg.retry_timeout);
     let dst = Client::new(&cfg.dst, cfg.retry_timeout);
+    if cfg.keys.feeds_itself() {
+        let (s, d) = (
+            src.get("/", false)?.cluster_id,
+            dst.get("/", false)?.cluster_id,
+        );
+        if s.is_some() && s == d {
+            return Err(Error::Usage(format!(
+                "SRC and DST are the same cluster and {} lies inside or above the mirrored {}: \
+                 the mirror would replicate its own writes (no flag overrides this)",
+                cfg.keys.dst_root(),
+                cfg.keys.src_prefix
+            )));
+        }
+    }
     let index = if cfg.reload {
         match reload::reload(cfg, &src, &dst)? {
             Some(index) => index,

@@ -222,6 +222,25 @@ fn reload_refuses_same_cluster_unless_forced() {
     m.wait_synced(&e, "/a", &e, "/b/a", "/b", "write after forced reload");
 }
 
+/// On one cluster, a destination inside the mirrored subtree would replicate its own writes
+/// forever: refused even with --force, before anything is written.
+#[test]
+fn a_mirror_that_would_feed_itself_is_refused_even_with_force() {
+    let e = Etcd::start("feed");
+    e.set("/a/k1", "1");
+    let before = e.current_index();
+    for args in [&["--reload", "--force"][..], &[][..]] {
+        let mut all = args.to_vec();
+        all.extend(["--src-prefix", "/", "--dst-prefix", "/replica"]);
+        let mut m = Mirror::start(&all, &e.url, &e.url);
+        let code = m.wait_exit(Duration::from_secs(30));
+        let err = m.stderr();
+        assert_eq!(code, 2, "args {all:?}, stderr:\n{err}");
+        assert!(err.contains("replicate its own writes"), "{err}");
+    }
+    assert_eq!(e.current_index(), before, "nothing was written");
+}
+
 #[test]
 fn reload_refuses_mass_delete_unless_forced() {
     let p = Pair::start("massdel");
