@@ -135,11 +135,14 @@ pub enum Opened {
     Cleared(String),
 }
 
-/// A streamed watch (`stream=true`): events arrive one JSON line each on one response.
+/// A watch response: a long poll (one event) or a stream (`stream=true`: events arrive one
+/// JSON line each on one response).
 pub struct Stream {
     reader: std::io::BufReader<ureq::BodyReader<'static>>,
     /// The store index when the watch was registered (`X-Etcd-Index` of the headers).
     pub registered: Option<u64>,
+    /// Opened with `stream=true`.
+    pub streamed: bool,
 }
 
 /// The next thing a stream delivered.
@@ -175,6 +178,11 @@ impl Stream {
                 }
             }
         }
+    }
+
+    /// Read a finished long poll to its end, so that its connection is reused.
+    pub fn finish(mut self) {
+        let _ = std::io::copy(&mut self.reader, &mut std::io::sink());
     }
 
     /// True when `ev` came from the history rather than from a live registration: the
@@ -298,7 +306,7 @@ impl Client {
             .timeout_send_request(Some(Duration::from_secs(10)))
             .timeout_send_body(Some(Duration::from_secs(10)))
             .timeout_recv_response(Some(Duration::from_secs(30)))
-            .timeout_recv_body(Some(Duration::from_secs(120)))
+            .timeout_recv_body(Some(Duration::from_secs(60)))
             .user_agent(concat!("etcdmirror/", env!("CARGO_PKG_VERSION")))
             .tls_config(endpoint.tls.clone())
             .build()
@@ -512,14 +520,23 @@ impl Client {
         self.write("DELETE", &url, None, &format!("DELETE {key}"))
     }
 
-    /// Open a streamed watch of `prefix` from `wait_index`. Each read waits at most `idle`.
-    pub fn stream(&self, prefix: &str, wait_index: u64, idle: Duration) -> Result<Opened> {
-        let query = [
+    /// Watch `prefix` from `wait_index`, as a stream or as one long poll. Each read waits at
+    /// most `idle`.
+    pub fn watch(
+        &self,
+        prefix: &str,
+        wait_index: u64,
+        idle: Duration,
+        streamed: bool,
+    ) -> Result<Opened> {
+        let mut query = vec![
             ("wait", "true".to_string()),
             ("recursive", "true".to_string()),
-            ("stream", "true".to_string()),
             ("waitIndex", wait_index.to_string()),
         ];
+        if streamed {
+            query.push(("stream", "true".to_string()));
+        }
         let url = self.url(prefix, &query);
         let what = format!("watch {prefix} from {wait_index}");
         let (opened, _) = self.retrying(&what, || {
@@ -542,7 +559,11 @@ impl Client {
                 };
             }
             let reader = std::io::BufReader::new(resp.into_body().into_reader());
-            Attempt::Ok(Opened::Stream(Stream { reader, registered }))
+            Attempt::Ok(Opened::Stream(Stream {
+                reader,
+                registered,
+                streamed,
+            }))
         })?;
         Ok(opened)
     }

@@ -191,6 +191,9 @@ pub struct Mirror<'a> {
     first: bool,
     pacer: Pacer,
     retry_timeout: Duration,
+    /// Behind the source's head: fetch history events with keep-alive long polls, one per
+    /// request, and stream only once caught up.
+    catching_up: bool,
 }
 
 impl<'a> Mirror<'a> {
@@ -206,6 +209,7 @@ impl<'a> Mirror<'a> {
             first: true,
             pacer: Pacer::new(cfg.watch_timeout),
             retry_timeout: cfg.retry_timeout,
+            catching_up: true,
         }
     }
 
@@ -217,7 +221,11 @@ impl<'a> Mirror<'a> {
         loop {
             let idle = self.pacer.poll_timeout();
             let from = self.index + 1;
-            let mut stream = match self.src.stream(&self.keys.src_prefix, from, idle)? {
+            let streamed = !self.catching_up;
+            let stream = match self
+                .src
+                .watch(&self.keys.src_prefix, from, idle, streamed)?
+            {
                 Opened::Stream(s) => s,
                 Opened::Cleared(msg) => {
                     return Err(Error::IndexCleared(format!(
@@ -228,7 +236,7 @@ impl<'a> Mirror<'a> {
             };
             self.pacer.observe(Instant::now(), stream.registered);
             self.saw_source(stream.registered);
-            match self.follow(&mut stream)? {
+            match self.follow(stream)? {
                 None => broken_since = None,
                 Some(why) => {
                     // A stream that opens but then breaks (reset, garbage) is a transient
@@ -248,8 +256,8 @@ impl<'a> Mirror<'a> {
         }
     }
 
-    /// Apply what one stream delivers until it must be renewed; `Some(why)` when it broke.
-    fn follow(&mut self, stream: &mut Stream) -> Result<Option<String>> {
+    /// Apply what one watch delivers until it must be renewed; `Some(why)` when it broke.
+    fn follow(&mut self, mut stream: Stream) -> Result<Option<String>> {
         let mut delivered = false;
         loop {
             let next = match stream.next() {
@@ -262,12 +270,18 @@ impl<'a> Mirror<'a> {
                     let replayed = stream.replayed(&ev);
                     let idx = ev.node.modified_index;
                     if replayed {
-                        debug!("index {idx} was replayed from the history; renewing the watch");
+                        debug!("index {idx} was replayed from the history");
                     } else {
-                        debug!("index {idx} arrived live on the stream");
+                        debug!("index {idx} arrived live");
                     }
                     self.saw_source(Some(idx));
                     self.apply(ev)?;
+                    // After a replayed event a stream sends nothing more; a long poll is over.
+                    self.catching_up = replayed;
+                    if !stream.streamed {
+                        stream.finish();
+                        return Ok(None);
+                    }
                     if replayed {
                         return Ok(None);
                     }
@@ -279,6 +293,7 @@ impl<'a> Mirror<'a> {
                     if matches!(next, Next::Closed) {
                         std::thread::sleep(Duration::from_millis(50));
                     }
+                    self.catching_up = false;
                     // The headers were sent when the watch was registered: no event under
                     // the prefix up to that index, so it counts as replicated.
                     if let Some(x) = stream.registered.filter(|&x| x > self.index) {
