@@ -166,14 +166,21 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str) -> Client {
-        let config = ureq::Agent::config_builder()
+        Self::with_tls(base, None)
+    }
+
+    /// A client for an https:// server: trusts only `tls.ca` and presents `tls.client_*`.
+    pub fn with_tls(base: &str, tls: Option<&TlsFiles>) -> Client {
+        let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))
-            .max_idle_connections_per_host(16)
-            .build();
+            .max_idle_connections_per_host(16);
+        if let Some(t) = tls {
+            config = config.tls_config(t.ureq_config());
+        }
         Client {
             base: base.trim_end_matches('/').to_string(),
-            agent: ureq::Agent::new_with_config(config),
+            agent: ureq::Agent::new_with_config(config.build()),
         }
     }
 
@@ -426,9 +433,19 @@ impl std::ops::Deref for Etcd {
 
 impl Etcd {
     pub fn start(tag: &str) -> Etcd {
+        Self::start_with(tag, None)
+    }
+
+    /// An etcd whose client URL is https:// with `tls.server_*` as its certificate, requiring
+    /// client certificates signed by `tls.ca` (`--client-cert-auth`). Peer URLs stay http.
+    pub fn start_tls(tag: &str, tls: &TlsFiles) -> Etcd {
+        Self::start_with(tag, Some(tls))
+    }
+
+    fn start_with(tag: &str, tls: Option<&TlsFiles>) -> Etcd {
         let mut last = String::new();
         for attempt in 0..8 {
-            match Self::try_start(tag, attempt) {
+            match Self::try_start(tag, attempt, tls) {
                 Ok(e) => return e,
                 Err(e) => last = e,
             }
@@ -436,7 +453,12 @@ impl Etcd {
         panic!("could not start etcd: {last}");
     }
 
-    fn try_start(tag: &str, attempt: usize) -> Result<Etcd, String> {
+    /// The etcd process id (to stop or freeze it with a signal).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn try_start(tag: &str, attempt: usize, tls: Option<&TlsFiles>) -> Result<Etcd, String> {
         let scratch = Scratch::new(&format!("etcd-{tag}"));
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("{}-{}-{}-{}", sanitize(tag), std::process::id(), n, attempt);
@@ -445,11 +467,22 @@ impl Etcd {
         if cport == pport {
             return Err("same port twice".into());
         }
-        let curl = format!("http://127.0.0.1:{cport}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let curl = format!("{scheme}://127.0.0.1:{cport}");
         let purl = format!("http://127.0.0.1:{pport}");
         let log = fs::File::create(scratch.path.join("etcd.log")).map_err(|e| e.to_string())?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
-        let mut child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(t) = tls {
+            cmd.arg("--cert-file")
+                .arg(&t.server_cert)
+                .arg("--key-file")
+                .arg(&t.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&t.ca)
+                .arg("--client-cert-auth");
+        }
+        let mut child = cmd
             .arg("--name")
             .arg(&name)
             .arg("--data-dir")
@@ -477,16 +510,17 @@ impl Etcd {
             .map_err(|e| {
                 format!("spawn etcd: {e} (is etcd installed? apt-get install etcd-server)")
             })?;
-        let client = Client::new(&curl);
+        let client = Client::with_tls(&curl, tls);
         // Readiness: our process is alive and the server answering on our port carries our name.
         let start = Instant::now();
         let stats_url = format!("{curl}/v2/stats/self");
-        let probe = ureq::Agent::new_with_config(
-            ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(2)))
-                .build(),
-        );
+        let mut probe = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(2)));
+        if let Some(t) = tls {
+            probe = probe.tls_config(t.ureq_config());
+        }
+        let probe = ureq::Agent::new_with_config(probe.build());
         loop {
             if let Ok(Some(st)) = child.try_wait() {
                 let log = fs::read_to_string(scratch.path.join("etcd.log")).unwrap_or_default();
@@ -531,6 +565,209 @@ impl Etcd {
     /// The URL with basic-auth credentials embedded.
     pub fn url_with_auth(&self, user: &str, pass: &str) -> String {
         format!("http://{user}:{pass}@127.0.0.1:{}", self.client_port)
+    }
+}
+
+/// True if `tool` is an executable on PATH.
+pub fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|d| {
+            let p = d.join(tool);
+            p.is_file()
+                && fs::metadata(&p).is_ok_and(|m| {
+                    use std::os::unix::fs::PermissionsExt;
+                    m.permissions().mode() & 0o111 != 0
+                })
+        })
+    })
+}
+
+/// Fail (never skip) when a tool the test needs is missing, naming the Debian package.
+#[track_caller]
+pub fn require_tool(tool: &str, package: &str) {
+    assert!(
+        on_path(tool),
+        "`{tool}` is not on PATH; this test needs it. On Debian/Ubuntu: \
+         apt-get install {package}   (.ci/run installs it when missing)"
+    );
+}
+
+/// PEM files for a test PKI made with the openssl CLI: a CA, a server certificate for
+/// 127.0.0.1 (SAN IP:127.0.0.1) and a client certificate, all signed by the CA.
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub dir: PathBuf,
+    _scratch: Scratch,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl (apt-get install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A self-signed CA (EC P-256) `NAME.pem`/`NAME.key` in `dir`.
+pub fn make_ca(dir: &Path, name: &str, cn: &str) {
+    require_tool("openssl", "openssl");
+    let (pem, key) = (format!("{name}.pem"), format!("{name}.key"));
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+}
+
+/// A leaf certificate `NAME.pem`/`NAME.key` signed by the CA `CA.pem`/`CA.key` in `dir`,
+/// with the given X.509v3 extension lines.
+pub fn make_leaf(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) {
+    require_tool("openssl", "openssl");
+    let (pem, key, csr, extf) = (
+        format!("{name}.pem"),
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.ext"),
+    );
+    fs::write(dir.join(&extf), ext).unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={cn}"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &extf,
+        ],
+    );
+}
+
+impl TlsFiles {
+    /// Generate a fresh PKI in a scratch dir (needs the openssl CLI: fails if it is missing).
+    pub fn generate(tag: &str) -> TlsFiles {
+        let scratch = Scratch::new(&format!("pki-{tag}"));
+        let d = scratch.path.clone();
+        make_ca(&d, "ca", "etcdmirror test CA");
+        make_leaf(
+            &d,
+            "ca",
+            "server",
+            "127.0.0.1",
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+             extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        );
+        make_leaf(
+            &d,
+            "ca",
+            "client",
+            "etcdmirror-client",
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+             extendedKeyUsage=clientAuth\n",
+        );
+        TlsFiles {
+            ca: d.join("ca.pem"),
+            server_cert: d.join("server.pem"),
+            server_key: d.join("server.key"),
+            client_cert: d.join("client.pem"),
+            client_key: d.join("client.key"),
+            dir: d,
+            _scratch: scratch,
+        }
+    }
+
+    /// A ureq TLS config that trusts only the CA and presents the client certificate.
+    pub fn ureq_config(&self) -> ureq::tls::TlsConfig {
+        use ureq::tls::{parse_pem, Certificate, ClientCert, PemItem, RootCerts, TlsConfig};
+        let items = |p: &Path| -> Vec<PemItem<'static>> {
+            parse_pem(&fs::read(p).unwrap())
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap()
+        };
+        let certs = |p: &Path| -> Vec<Certificate<'static>> {
+            items(p)
+                .into_iter()
+                .filter_map(|i| match i {
+                    PemItem::Certificate(c) => Some(c),
+                    _ => None,
+                })
+                .collect()
+        };
+        let key = items(&self.client_key)
+            .into_iter()
+            .find_map(|i| match i {
+                PemItem::PrivateKey(k) => Some(k),
+                _ => None,
+            })
+            .expect("client key");
+        TlsConfig::builder()
+            .root_certs(RootCerts::new_with_certs(&certs(&self.ca)))
+            .client_cert(Some(ClientCert::new_with_certs(
+                &certs(&self.client_cert),
+                key,
+            )))
+            .build()
+    }
+
+    /// The path as a string, for command lines.
+    pub fn s(p: &Path) -> String {
+        p.to_string_lossy().into_owned()
     }
 }
 
@@ -606,10 +843,23 @@ impl Mirror {
 
     /// Start the binary with exactly these arguments.
     pub fn spawn(args: Vec<String>) -> Mirror {
+        Self::spawn_env(args, &[])
+    }
+
+    /// Start the binary with exactly these arguments and environment changes: `Some(v)` sets
+    /// a variable, `None` removes it.
+    pub fn spawn_env(args: Vec<String>, env: &[(&str, Option<&str>)]) -> Mirror {
         let scratch = Scratch::new("mirror");
         let stderr_path = scratch.path.join("stderr");
         let stdout_path = scratch.path.join("stdout");
-        let child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        for (k, v) in env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let child = cmd
             .args(&args)
             .stdin(Stdio::null())
             .stdout(fs::File::create(&stdout_path).unwrap())
