@@ -3,6 +3,8 @@
 #   make test    unit + integration tests (needs etcd on PATH: apt-get install etcd-server)
 #   make demo    two throwaway etcd servers, one mirrored key
 #   make lint    rustfmt + clippy, warnings are errors
+#   make bench   performance harness (tests/bench.rs, release binary, own etcd servers on
+#                /dev/shm; under 10 minutes): prints a table, writes target/bench/results.json
 #   make vendor  copy all crates into vendor/ for an offline build
 #   make offline-check  prove `cargo build --offline --locked --release` works from vendor/
 #                with an empty CARGO_HOME (release build in a temporary target dir)
@@ -32,7 +34,7 @@ BIN ?= target/release/etcdmirror
 VENDOR_CONFIG = --config 'source.crates-io.replace-with="vendored-sources"' \
                 --config 'source.vendored-sources.directory="$(CURDIR)/vendor"'
 
-.PHONY: build test demo lint vendor offline-check install uninstall clean check-etcd
+.PHONY: build test bench demo lint vendor offline-check install uninstall clean check-etcd
 
 build:
 	$(CARGO) build --release
@@ -45,6 +47,12 @@ check-etcd:
 
 test: check-etcd
 	$(CARGO) test --all-targets
+
+# The harness is a test target with harness = false that only runs when ETCDMIRROR_BENCH=1;
+# it measures the release binary (ETCDMIRROR_BIN overrides which one).
+bench: check-etcd
+	$(CARGO) build --release
+	ETCDMIRROR_BENCH=1 $(CARGO) test --release --test bench
 
 demo:
 	bash tests/demo.sh

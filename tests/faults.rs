@@ -62,7 +62,10 @@ fn malformed_event_json_is_retried_then_exits_transient() {
     let mut m = mirror_against(&src, &dst, 10, &["--retry-timeout", "2"]);
     let code = m.wait_exit(Duration::from_secs(20));
     assert_eq!(code, 1, "stderr:\n{}", tail(&m.stderr(), 10));
-    assert!(started.elapsed() >= Duration::from_secs(1), "it retried for a while");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "it retried for a while"
+    );
     assert!(
         m.stderr().contains("malformed"),
         "{}",

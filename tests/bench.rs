@@ -1,0 +1,1535 @@
+//! `make bench`: the performance harness of issue 4.
+//!
+//! A test target with `harness = false` that does nothing unless `ETCDMIRROR_BENCH=1` is set
+//! (so `cargo test --all-targets` stays fast). `make bench` builds the release binary and runs
+//! this with the variable set. It starts its own etcd servers (data dirs on /dev/shm), runs the
+//! release binary (`ETCDMIRROR_BIN`, default: the binary cargo built for this profile), prints a
+//! table and writes `target/bench/results.json`.
+//!
+//! Measurements (see the issue for why): the ceiling `raw_put_per_s`; catch-up from the history;
+//! sustained rates; replication delay; the same three with the source behind a 15 ms-per-direction
+//! TCP proxy; background noise outside the prefix; `--reload` of 100,000 keys; cost (memory, CPU,
+//! requests while idle). Knobs (environment, all optional): `ETCDMIRROR_BENCH_RATES`
+//! (comma-separated writes/s, default 100,300,1000,2000,3000,4000), `ETCDMIRROR_BENCH_STEP_SECS` (8),
+//! `ETCDMIRROR_BENCH_NOISE_SECS` (60), `ETCDMIRROR_BENCH_DELAY10_SAMPLES` (200),
+//! `ETCDMIRROR_BENCH_RELOAD_KEYS` (100000), `ETCDMIRROR_BENCH_KEEP_LOGS` (a directory: keep every
+//! mirror's stderr there; `RUST_LOG`, e.g. `etcdmirror=debug`, reaches the mirror).
+
+mod common;
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use common::{replication_index, status_code, tail, Client, Etcd, Scratch};
+
+const SRC_PREFIX: &str = "/bench";
+const DST_PREFIX: &str = "/replica";
+/// etcd v2 keeps the last 1000 events of the whole store.
+const WINDOW: u64 = 1000;
+/// One-way delay of the distance proxy.
+const PROXY_DELAY: Duration = Duration::from_millis(15);
+
+fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    if std::env::var("ETCDMIRROR_BENCH").map_or(true, |v| v.is_empty() || v == "0") {
+        println!("bench: skipped; run `make bench` (sets ETCDMIRROR_BENCH=1)");
+        return;
+    }
+    Bench::new().run();
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc probes
+
+fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After "pid (comm) ": state is field 3, utime field 14, stime field 15.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn clk_tck() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The mirror process
+
+/// A running etcdmirror (the binary under test); stderr goes to a file. SIGKILLed on drop.
+struct Proc {
+    child: Child,
+    exit: Option<i32>,
+    stderr_path: PathBuf,
+    _scratch: Scratch,
+}
+
+impl Proc {
+    fn spawn(bin: &Path, args: &[String]) -> Proc {
+        let scratch = Scratch::new("bench-mirror");
+        let stderr_path = scratch.path.join("stderr");
+        let child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        Proc {
+            child,
+            exit: None,
+            stderr_path,
+            _scratch: scratch,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    fn exited(&mut self) -> Option<i32> {
+        if self.exit.is_none() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                self.exit = Some(status_code(st));
+            }
+        }
+        self.exit
+    }
+
+    fn alive(&mut self) -> bool {
+        self.exited().is_none()
+    }
+
+    /// Wait until stderr contains `needle`; Err(description) if the process exits or on timeout.
+    fn wait_log(&mut self, timeout: Duration, needle: &str) -> Result<Duration, String> {
+        let start = Instant::now();
+        loop {
+            if self.stderr().contains(needle) {
+                return Ok(start.elapsed());
+            }
+            if let Some(code) = self.exited() {
+                return Err(format!(
+                    "etcdmirror exited with {code} before {needle:?}; stderr tail:\n{}",
+                    tail(&self.stderr(), 15)
+                ));
+            }
+            if start.elapsed() > timeout {
+                return Err(format!("no {needle:?} within {timeout:?}"));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if it is still running after 5 s.
+    fn stop(&mut self) {
+        if self.alive() {
+            common::send_signal(self.pid(), "TERM");
+            let start = Instant::now();
+            while self.alive() && start.elapsed() < Duration::from_secs(5) {
+                thread::sleep(Duration::from_millis(10));
+            }
+            if self.alive() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                self.exit = Some(137);
+            }
+        }
+    }
+
+    fn rss_kb(&self) -> Option<u64> {
+        proc_status_kb(self.pid(), "VmRSS")
+    }
+
+    fn hwm_kb(&self) -> Option<u64> {
+        proc_status_kb(self.pid(), "VmHWM")
+    }
+
+    fn cpu(&self) -> Option<u64> {
+        cpu_ticks(self.pid())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // ETCDMIRROR_BENCH_KEEP_LOGS=DIR keeps every mirror's stderr as DIR/mirror-PID.log.
+        if let Some(dir) = std::env::var_os("ETCDMIRROR_BENCH_KEEP_LOGS").filter(|d| !d.is_empty())
+        {
+            let dir = PathBuf::from(dir);
+            let _ = fs::create_dir_all(&dir);
+            let _ = fs::copy(
+                &self.stderr_path,
+                dir.join(format!("mirror-{}.log", self.pid())),
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Latency-injecting TCP proxy (loopback only)
+
+/// Forwards 127.0.0.1:port to an upstream address, delaying every chunk by `delay` in each
+/// direction (order preserved; a reader thread timestamps chunks, a writer thread sends each
+/// one when it is due, so pipelined data is not delayed cumulatively). Counts accepted
+/// connections and "GET " request lines sent upstream.
+struct Proxy {
+    port: u16,
+    conns: Arc<AtomicU64>,
+    gets: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    fn start(upstream: SocketAddr, delay: Duration) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().unwrap().port();
+        let conns = Arc::new(AtomicU64::new(0));
+        let gets = Arc::new(AtomicU64::new(0));
+        let (c, g) = (conns.clone(), gets.clone());
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                c.fetch_add(1, Ordering::Relaxed);
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                pipe(client, server, delay, Some(g.clone()));
+                pipe(s2, c2, delay, None);
+            }
+        });
+        Proxy { port, conns, gets }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+fn count_gets(carry: &mut Vec<u8>, chunk: &[u8]) -> u64 {
+    carry.extend_from_slice(chunk);
+    let n = carry.windows(4).filter(|w| *w == b"GET ").count() as u64;
+    let keep = carry.len().saturating_sub(3);
+    carry.drain(..keep);
+    n
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream, delay: Duration, gets: Option<Arc<AtomicU64>>) {
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    let from2 = from.try_clone().unwrap();
+    thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut carry = Vec::new();
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if let Some(g) = &gets {
+                        g.fetch_add(count_gets(&mut carry, &buf[..n]), Ordering::Relaxed);
+                    }
+                    if tx
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    thread::spawn(move || {
+        for (due, data) in rx {
+            let now = Instant::now();
+            if due > now {
+                thread::sleep(due - now);
+            }
+            if to.write_all(&data).is_err() {
+                let _ = from2.shutdown(Shutdown::Both);
+                let _ = to.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+        // The reader saw EOF: pass the half-close on.
+        let _ = to.shutdown(Shutdown::Write);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load generators and probes
+
+/// Shared state of a writer: the highest source index it has written.
+#[derive(Default)]
+struct WriteLog {
+    last_index: AtomicU64,
+}
+
+/// Open-loop writer: ticket i is due at start + i/rate; `threads` threads take tickets in
+/// order and PUT `key(i)`. Stops at start + dur (tickets not yet sent are dropped). Returns
+/// (writes, elapsed seconds). `done(i, t)` is called with the instant each PUT's response came.
+fn rate_write(
+    c: &Client,
+    rate: f64,
+    dur: Duration,
+    threads: usize,
+    key: &(dyn Fn(u64) -> String + Sync),
+    log: &WriteLog,
+    done: Option<&(dyn Fn(u64, Instant) + Sync)>,
+) -> (u64, f64) {
+    let next = AtomicU64::new(0);
+    let count = AtomicU64::new(0);
+    let start = Instant::now();
+    let end = start + dur;
+    thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let due = start + Duration::from_secs_f64(i as f64 / rate);
+                if due >= end {
+                    break;
+                }
+                let now = Instant::now();
+                if now >= end {
+                    break;
+                }
+                if due > now {
+                    thread::sleep(due - now);
+                }
+                let r = c.put(&key(i), &[("value", &format!("v{i}"))]);
+                let t = Instant::now();
+                assert!(r.ok(), "writer PUT failed: {} {}", r.status, r.body);
+                log.last_index
+                    .fetch_max(r.modified_index().max(r.index), Ordering::SeqCst);
+                count.fetch_add(1, Ordering::SeqCst);
+                if let Some(f) = done {
+                    f(i, t);
+                }
+            });
+        }
+    });
+    (count.into_inner(), start.elapsed().as_secs_f64())
+}
+
+/// Write `n` keys as fast as `threads` clients can. Returns seconds taken.
+fn burst_write(
+    c: &Client,
+    n: u64,
+    threads: usize,
+    key: &(dyn Fn(u64) -> String + Sync),
+    log: &WriteLog,
+) -> f64 {
+    let next = AtomicU64::new(0);
+    let start = Instant::now();
+    thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= n {
+                    break;
+                }
+                let r = c.put(&key(i), &[("value", &format!("value-{i}"))]);
+                assert!(r.ok(), "writer PUT failed: {} {}", r.status, r.body);
+                log.last_index
+                    .fetch_max(r.modified_index().max(r.index), Ordering::SeqCst);
+            });
+        }
+    });
+    start.elapsed().as_secs_f64()
+}
+
+/// Sequential keep-alive PUTs for `dur` with a hand-written HTTP/1.1 client on one connection
+/// (no URL or JSON work), so that the figure measures the destination rather than the client.
+fn minimal_puts(port: u16, dur: Duration) -> (u64, f64) {
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    conn.set_nodelay(true).unwrap();
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < dur {
+        let body = format!("value=v{n}");
+        let req = format!(
+            "PUT /v2/keys/raw/m{} HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            n % 1000,
+            body.len()
+        );
+        conn.write_all(req.as_bytes()).unwrap();
+        buf.clear();
+        // Read the head, then Content-Length bytes of body.
+        let (head_end, len) = loop {
+            let k = conn.read(&mut chunk).unwrap();
+            assert!(k > 0, "etcd closed the connection");
+            buf.extend_from_slice(&chunk[..k]);
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..p]).to_ascii_lowercase();
+                assert!(
+                    head.starts_with("http/1.1 20"),
+                    "minimal PUT failed: {head}"
+                );
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .expect("etcd sends Content-Length");
+                break (p + 4, len);
+            }
+        };
+        while buf.len() < head_end + len {
+            let k = conn.read(&mut chunk).unwrap();
+            assert!(k > 0, "etcd closed the connection");
+            buf.extend_from_slice(&chunk[..k]);
+        }
+        n += 1;
+    }
+    (n, start.elapsed().as_secs_f64())
+}
+
+/// The replication index on the destination, 0 when absent.
+fn repl(dst: &Client) -> u64 {
+    replication_index(dst, DST_PREFIX).unwrap_or(0)
+}
+
+/// The source's current X-Etcd-Index, from a cheap 404.
+fn head(c: &Client) -> u64 {
+    c.get_raw("/__bench_no_such_key", &[]).index
+}
+
+/// A watch on the destination: long-polls `prefix` with waitIndex from a separate thread and
+/// records the arrival instant of every key (by name) until `stop` is set.
+fn dst_watcher(
+    base: String,
+    prefix: String,
+    from: u64,
+    stop: Arc<AtomicBool>,
+    arrivals: Arc<Mutex<HashMap<String, Instant>>>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let agent = ureq::Agent::new_with_config(
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_millis(1000)))
+                .build(),
+        );
+        let mut next = from;
+        while !stop.load(Ordering::SeqCst) {
+            let url = format!("{base}/v2/keys{prefix}?wait=true&recursive=true&waitIndex={next}");
+            let Ok(mut r) = agent.get(&url).call() else {
+                continue; // poll timeout: re-register from the same index
+            };
+            let hdr_index: u64 = r
+                .headers()
+                .get("X-Etcd-Index")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let Ok(text) = r.body_mut().read_to_string() else {
+                continue;
+            };
+            let t = Instant::now();
+            let Ok(v) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
+            if v.get("errorCode").and_then(Value::as_u64) == Some(401) {
+                eprintln!("bench: destination watcher fell out of the history; skipping ahead");
+                next = hdr_index + 1;
+                continue;
+            }
+            if let Some(k) = v["node"]["key"].as_str() {
+                arrivals.lock().unwrap().entry(k.to_string()).or_insert(t);
+            }
+            if let Some(mi) = v["node"]["modifiedIndex"].as_u64() {
+                next = mi + 1;
+            }
+        }
+    })
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let k = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[k - 1]
+}
+
+fn r1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+fn r3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+// ---------------------------------------------------------------------------------------------
+// The benchmark
+
+struct Row {
+    name: String,
+    value: String,
+    ratio: Option<f64>,
+    note: String,
+}
+
+/// Where the mirror reads the source from.
+struct Mode {
+    /// "loopback" or "distance".
+    name: &'static str,
+    src_url: String,
+    proxy: Option<Proxy>,
+    /// How long a run may take to catch up after the writer stops before it is restarted.
+    drain: Duration,
+}
+
+struct Bench {
+    /// A private copy of the binary under test (cargo may rebuild the original meanwhile).
+    bin: PathBuf,
+    bin_origin: PathBuf,
+    _bin_dir: Scratch,
+    src: Etcd,
+    dst: Etcd,
+    raw: f64,
+    tck: f64,
+    rows: Vec<Row>,
+    results: Vec<Value>,
+    odd: Vec<String>,
+    t0: Instant,
+    rates: Vec<f64>,
+    step: Duration,
+}
+
+fn locate_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ETCDMIRROR_BIN").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_etcdmirror"));
+    if built.components().any(|c| c.as_os_str() == "release") {
+        return built;
+    }
+    let release = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/etcdmirror");
+    eprintln!(
+        "bench: warning: not a release build ({}); using {}",
+        built.display(),
+        release.display()
+    );
+    release
+}
+
+fn results_path() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("bench/results.json")
+}
+
+impl Bench {
+    fn new() -> Bench {
+        let bin = locate_bin();
+        assert!(
+            bin.is_file(),
+            "{} not found: run `make bench` (or set ETCDMIRROR_BIN)",
+            bin.display()
+        );
+        let rates = std::env::var("ETCDMIRROR_BENCH_RATES")
+            .ok()
+            .map(|s| {
+                s.split(',')
+                    .filter_map(|x| x.trim().parse::<f64>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| vec![100.0, 300.0, 1000.0, 2000.0, 3000.0, 4000.0]);
+        let bin_dir = Scratch::new("bench-bin");
+        let copy = bin_dir.path.join("etcdmirror");
+        fs::copy(&bin, &copy).expect("copy the binary under test");
+        let t0 = Instant::now();
+        let src = Etcd::start("bench-src");
+        let dst = Etcd::start("bench-dst");
+        Bench {
+            bin: copy,
+            bin_origin: bin,
+            _bin_dir: bin_dir,
+            src,
+            dst,
+            raw: 0.0,
+            tck: clk_tck(),
+            rows: Vec::new(),
+            results: Vec::new(),
+            odd: Vec::new(),
+            t0,
+            rates,
+            step: Duration::from_secs_f64(env_num("ETCDMIRROR_BENCH_STEP_SECS", 8.0)),
+        }
+    }
+
+    fn say(&self, what: &str) {
+        println!("[{:6.1} s] {what}", self.t0.elapsed().as_secs_f64());
+        let _ = std::io::stdout().flush();
+    }
+
+    fn row(&mut self, name: &str, value: String, ratio: Option<f64>, note: String) {
+        println!(
+            "    {name:<44} {value:>22} {:>8}  {note}",
+            ratio.map(|r| format!("{r:.3}x")).unwrap_or_default()
+        );
+        self.rows.push(Row {
+            name: name.to_string(),
+            value,
+            ratio,
+            note,
+        });
+    }
+
+    fn ratio(&self, per_s: f64) -> Option<f64> {
+        (self.raw > 0.0).then(|| r3(per_s / self.raw))
+    }
+
+    fn mirror_args(&self, src_url: &str, reload: bool) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--port",
+            "0",
+            "--src-prefix",
+            SRC_PREFIX,
+            "--dst-prefix",
+            DST_PREFIX,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if reload {
+            a.push("--reload".into());
+        }
+        a.push(src_url.to_string());
+        a.push(self.dst.url.clone());
+        a
+    }
+
+    /// Start the mirror with --reload and wait for "Starting replication at".
+    fn start_reload(&self, mode: &Mode) -> Proc {
+        let mut m = Proc::spawn(&self.bin, &self.mirror_args(&mode.src_url, true));
+        if let Err(e) = m.wait_log(Duration::from_secs(60), "Starting replication at") {
+            panic!("bench: mirror --reload did not start: {e}");
+        }
+        m
+    }
+
+    fn machine(&self) -> Value {
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let model = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let mem_kb = fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .next()
+                    .and_then(|l| l.split_whitespace().nth(1).map(String::from))
+            })
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let out = |cmd: &str, arg: &str| {
+            Command::new(cmd)
+                .arg(arg)
+                .output()
+                .ok()
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_string()
+                })
+                .unwrap_or_default()
+        };
+        json!({
+            "nproc": thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "cpu_model": model,
+            "mem_total_mb": mem_kb / 1024,
+            "kernel": fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+            "etcd_version": out("etcd", "--version"),
+            "etcd_data_dir": "/dev/shm (tmpfs: fsync is nearly free, so absolute numbers are optimistic compared with disks)",
+            "mirror_binary": self.bin_origin.display().to_string(),
+            "mirror_version": out(&self.bin.display().to_string(), "--version"),
+            "proxy_one_way_delay_ms": PROXY_DELAY.as_millis() as u64,
+        })
+    }
+
+    fn run(mut self) {
+        let machine = self.machine();
+        println!("etcdmirror benchmark");
+        println!(
+            "  machine: {} x {}, etcd {}, binary {} ({})",
+            machine["nproc"],
+            machine["cpu_model"].as_str().unwrap_or(""),
+            machine["etcd_version"].as_str().unwrap_or(""),
+            machine["mirror_binary"].as_str().unwrap_or(""),
+            machine["mirror_version"].as_str().unwrap_or("")
+        );
+        println!(
+            "  etcd source {} and destination {}; data dirs on /dev/shm (tmpfs, RAM: fsync is \
+             nearly free, absolute numbers are optimistic compared with disks)",
+            self.src.url, self.dst.url
+        );
+
+        self.raw_put();
+
+        // Loopback: the mirror talks to the source directly.
+        let loopback = Mode {
+            name: "loopback",
+            src_url: self.src.url.clone(),
+            proxy: None,
+            drain: Duration::from_secs(3),
+        };
+        self.say("starting the mirror (--reload on an empty pair)");
+        let mut m = self.start_reload(&loopback);
+        self.mode_runs(&loopback, &mut m);
+        m.stop();
+        drop(m);
+
+        // Distance: the source behind the latency proxy.
+        let upstream: SocketAddr = format!("127.0.0.1:{}", self.src.client_port)
+            .parse()
+            .unwrap();
+        let proxy = Proxy::start(upstream, PROXY_DELAY);
+        let distance = Mode {
+            name: "distance",
+            src_url: proxy.url(),
+            proxy: Some(proxy),
+            drain: Duration::from_secs(3),
+        };
+        self.say(&format!(
+            "distance: source behind a TCP proxy on {} adding {} ms each way ({} ms round trip)",
+            distance.src_url,
+            PROXY_DELAY.as_millis(),
+            2 * PROXY_DELAY.as_millis()
+        ));
+        let mut m = self.start_reload(&distance);
+        self.mode_runs(&distance, &mut m);
+        self.noise(&distance, &mut m);
+        self.idle_cost(&distance, &mut m);
+        m.stop();
+        drop(m);
+
+        self.reload();
+
+        // Summary.
+        let total = self.t0.elapsed().as_secs_f64();
+        println!();
+        println!(
+            "machine: {} x {}, etcd {}; etcd data dirs on /dev/shm (tmpfs); distance = {} ms \
+             each way through the harness's TCP proxy",
+            machine["nproc"],
+            machine["cpu_model"].as_str().unwrap_or(""),
+            machine["etcd_version"]
+                .as_str()
+                .unwrap_or("")
+                .trim_start_matches("etcd Version: "),
+            PROXY_DELAY.as_millis()
+        );
+        println!(
+            "{:<46} {:>22} {:>8}  notes",
+            "measurement", "value", "x raw"
+        );
+        println!("{}", "-".repeat(110));
+        for r in &self.rows {
+            println!(
+                "{:<46} {:>22} {:>8}  {}",
+                r.name,
+                r.value,
+                r.ratio.map(|x| format!("{x:.3}")).unwrap_or_default(),
+                r.note
+            );
+        }
+        println!("{}", "-".repeat(110));
+        println!("total bench time {total:.0} s");
+        if !self.odd.is_empty() {
+            println!("\nnotes:");
+            for o in &self.odd {
+                println!("- {o}");
+            }
+        }
+        let doc = json!({
+            "machine": machine,
+            "total_seconds": r1(total),
+            "measurements": self.results,
+            "notes": self.odd,
+        });
+        let path = results_path();
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, serde_json::to_string_pretty(&doc).unwrap() + "\n").unwrap();
+        println!("wrote {}", path.display());
+    }
+
+    /// Measurement 1: sequential keep-alive PUTs by one client into the destination alone, 3 s.
+    fn raw_put(&mut self) {
+        self.say("raw_put: one client, sequential keep-alive PUTs into the destination, 3 s each");
+        let c = Client::new(&self.dst.url);
+        for i in 0..200 {
+            c.set(&format!("/raw/warm{}", i % 50), "w");
+        }
+        // The ceiling: a minimal client, so the figure is the destination's, not the client's.
+        let (n, secs) = minimal_puts(self.dst.client_port, Duration::from_secs(3));
+        self.raw = n as f64 / secs;
+        // Reference: the tests' Client (ureq agent with a global timeout, JSON parsed).
+        let start = Instant::now();
+        let mut n2 = 0u64;
+        while start.elapsed() < Duration::from_secs(3) {
+            c.set(&format!("/raw/k{}", n2 % 1000), &format!("v{n2}"));
+            n2 += 1;
+        }
+        let secs2 = start.elapsed().as_secs_f64();
+        let raw2 = n2 as f64 / secs2;
+        self.results.push(json!({
+            "measurement": "raw_put",
+            "raw_put_per_s": r1(self.raw),
+            "puts": n,
+            "seconds": r3(secs),
+            "target": "destination alone, one client, sequential, keep-alive",
+            "client": "hand-written HTTP/1.1 on one TcpStream (request in one write, \
+                       Content-Length body read, no JSON parsing)",
+            "ureq_client_put_per_s": r1(raw2),
+            "ureq_client": "the tests' Client: ureq 3 agent with timeout_global, body parsed \
+                            with serde_json (3 s); for reference, ratios use raw_put_per_s",
+        }));
+        self.row(
+            "raw_put_per_s (dst alone, 1 minimal client)",
+            format!("{:.0} /s", self.raw),
+            Some(1.0),
+            format!("{n} PUTs in {secs:.1} s; hand-written HTTP/1.1, one connection"),
+        );
+        self.row(
+            "  same via ureq + serde_json (reference)",
+            format!("{raw2:.0} /s"),
+            self.ratio(raw2),
+            format!("{n2} PUTs in {secs2:.1} s; the tests' Client (ureq, timeout_global)"),
+        );
+    }
+
+    /// Catch-up, sustained rates and delays for one mode; `m` is a running mirror.
+    fn mode_runs(&mut self, mode: &Mode, m: &mut Proc) {
+        self.catchup(mode, m);
+        for rate in self.rates.clone() {
+            self.sustained(mode, m, rate);
+        }
+        self.sustained_summary(mode);
+        let n10 = env_num("ETCDMIRROR_BENCH_DELAY10_SAMPLES", 200u64);
+        self.delay(mode, m, 10.0, n10);
+        self.delay(mode, m, 100.0, 500);
+    }
+
+    /// The highest rate at which the mirror kept up, from this mode's sustained runs.
+    fn sustained_summary(&mut self, mode: &Mode) {
+        let best = self
+            .results
+            .iter()
+            .filter(|r| {
+                r["measurement"] == "sustained" && r["mode"] == mode.name && r["kept_up"] == true
+            })
+            .filter_map(|r| {
+                Some((
+                    r["target_writes_per_s"].as_f64()?,
+                    r["achieved_writes_per_s"].as_f64()?,
+                ))
+            })
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        let first_failed = self
+            .results
+            .iter()
+            .filter(|r| {
+                r["measurement"] == "sustained" && r["mode"] == mode.name && r["kept_up"] == false
+            })
+            .filter_map(|r| r["target_writes_per_s"].as_f64())
+            .min_by(|a, b| a.total_cmp(b));
+        let achieved = best.map(|b| b.1).unwrap_or(0.0);
+        self.results.push(json!({
+            "measurement": "sustained_highest",
+            "mode": mode.name,
+            "highest_kept_up_target_writes_per_s": best.map(|b| b.0),
+            "highest_kept_up_achieved_writes_per_s": best.map(|b| b.1),
+            "ratio_to_raw": best.and_then(|b| self.ratio(b.1)),
+            "lowest_failed_target_writes_per_s": first_failed,
+            "rates_tried": self.rates,
+        }));
+        self.row(
+            &format!("sustained {} highest kept up", mode.name),
+            best.map_or("none".into(), |_| format!("{achieved:.0} w/s")),
+            best.and_then(|b| self.ratio(b.1)),
+            match first_failed {
+                Some(f) => format!("lowest rate not kept up: {f:.0}/s (rates are steps)"),
+                None => "kept up at every rate tried".into(),
+            },
+        );
+    }
+
+    /// Restart the mirror with --reload if it exited (recording why) or `force` is set.
+    fn revive(&mut self, mode: &Mode, m: &mut Proc, what: &str, force: bool) -> Value {
+        if let Some(code) = m.exited() {
+            let t = log_tail(&m.stderr());
+            self.odd.push(format!(
+                "{} {what}: etcdmirror exited with code {code}; stderr tail:\n{}",
+                mode.name,
+                indent(&t)
+            ));
+            *m = self.start_reload(mode);
+            return json!({"exit_code": code, "stderr_tail": t, "restarted_with_reload": true});
+        }
+        if force {
+            m.stop();
+            *m = self.start_reload(mode);
+            return json!({"exit_code": null, "restarted_with_reload": true,
+                          "why": "still behind after the drain time"});
+        }
+        Value::Null
+    }
+
+    /// Wait until the mirror's index reaches `target`, or it exits, or `timeout`. Returns the
+    /// time taken when reached.
+    fn wait_repl(&self, m: &mut Proc, target: u64, timeout: Duration) -> Option<f64> {
+        let start = Instant::now();
+        loop {
+            if repl(&self.dst) >= target {
+                return Some(start.elapsed().as_secs_f64());
+            }
+            if !m.alive() || start.elapsed() > timeout {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Measurement 2: catch-up from the history (mirror stopped, 900 events written, mirror
+    /// started).
+    fn catchup(&mut self, mode: &Mode, m: &mut Proc) {
+        const N: u64 = 900;
+        self.say(&format!(
+            "{}: catch-up: stop the mirror, write {N} events, start it, time until its index reaches the last",
+            mode.name
+        ));
+        let caught = self.wait_repl(m, head(&self.src), Duration::from_secs(10));
+        assert!(caught.is_some(), "mirror not caught up before catch-up run");
+        m.stop();
+        let from = repl(&self.dst);
+        let log = WriteLog::default();
+        let c = self.src.client.clone();
+        let wsecs = burst_write(
+            &c,
+            N,
+            4,
+            &|i| format!("{SRC_PREFIX}/catchup/k{}", i % 300),
+            &log,
+        );
+        let last = log.last_index.load(Ordering::SeqCst);
+        let events = last - from;
+        let start = Instant::now();
+        *m = Proc::spawn(&self.bin, &self.mirror_args(&mode.src_url, false));
+        let cpu0 = 0u64; // a fresh process
+        let timeout = Duration::from_secs(if mode.proxy.is_some() { 60 } else { 30 });
+        let took = self.wait_repl(m, last, timeout);
+        let secs = took.unwrap_or(start.elapsed().as_secs_f64());
+        let reached = repl(&self.dst);
+        let cpu = m.cpu().map(|t| (t - cpu0) as f64 / self.tck);
+        let rss = m.rss_kb();
+        let done = reached.saturating_sub(from);
+        let per_s = done as f64 / secs;
+        let mut res = json!({
+            "measurement": "catchup",
+            "mode": mode.name,
+            "events": events,
+            "events_replicated": done,
+            "completed": took.is_some(),
+            "seconds": r3(secs),
+            "events_per_s": r1(per_s),
+            "ratio_to_raw": self.ratio(per_s),
+            "writer_seconds": r3(wsecs),
+            "mirror_cpu_seconds": cpu.map(r3),
+            "mirror_rss_kb": rss,
+        });
+        let note = if took.is_some() {
+            format!("{events} events in {secs:.2} s")
+        } else {
+            format!("INCOMPLETE: {done}/{events} events after {secs:.0} s")
+        };
+        self.row(
+            &format!("catch-up {} (900 events)", mode.name),
+            format!("{per_s:.0} ev/s"),
+            self.ratio(per_s),
+            note,
+        );
+        let restart = self.revive(mode, m, "catch-up", took.is_none());
+        if !restart.is_null() {
+            res["restart"] = restart;
+        }
+        self.results.push(res);
+    }
+
+    /// Measurement 3: sustained rate, an open-loop writer at `rate` writes/s for `self.step`.
+    fn sustained(&mut self, mode: &Mode, m: &mut Proc, rate: f64) {
+        self.say(&format!(
+            "{}: sustained {rate:.0} writes/s for {:.0} s",
+            mode.name,
+            self.step.as_secs_f64()
+        ));
+        let threads = if rate >= 1000.0 { 4 } else { 1 };
+        let log = WriteLog::default();
+        let idx0 = head(&self.src);
+        let cpu0 = m.cpu();
+        let stop = AtomicBool::new(false);
+        let samples: Mutex<Vec<(f64, u64, u64)>> = Mutex::new(Vec::new()); // (t, lag, rss)
+        let pid = m.pid();
+        let c = self.src.client.clone();
+        let dst = self.dst.client.clone();
+        let (count, wsecs, lag_end) = thread::scope(|s| {
+            s.spawn(|| {
+                let start = Instant::now();
+                while !stop.load(Ordering::SeqCst) {
+                    let last = log.last_index.load(Ordering::SeqCst);
+                    let r = repl(&dst);
+                    let rss = proc_status_kb(pid, "VmRSS").unwrap_or(0);
+                    if last > 0 {
+                        samples.lock().unwrap().push((
+                            start.elapsed().as_secs_f64(),
+                            last.saturating_sub(r),
+                            rss,
+                        ));
+                    }
+                    thread::sleep(Duration::from_millis(100));
+                }
+            });
+            let (count, wsecs) = rate_write(
+                &c,
+                rate,
+                self.step,
+                threads,
+                &|i| format!("{SRC_PREFIX}/load/k{}", i % 1000),
+                &log,
+                None,
+            );
+            let lag_end = log
+                .last_index
+                .load(Ordering::SeqCst)
+                .saturating_sub(repl(&dst));
+            stop.store(true, Ordering::SeqCst);
+            (count, wsecs, lag_end)
+        });
+        let last = log.last_index.load(Ordering::SeqCst);
+        let drain = self.wait_repl(m, last, mode.drain);
+        let alive = m.alive();
+        let reached = repl(&self.dst);
+        let cpu1 = m.cpu();
+        let events = reached.saturating_sub(idx0);
+        let cpu_per_10k = match (cpu0, cpu1) {
+            (Some(a), Some(b)) if events > 0 && alive => {
+                Some(r3((b - a) as f64 / self.tck / events as f64 * 10_000.0))
+            }
+            _ => None,
+        };
+        let samples = samples.into_inner().unwrap();
+        let lag_max = samples.iter().map(|s| s.1).max().unwrap_or(0);
+        let rss_max = samples.iter().map(|s| s.2).max().unwrap_or(0);
+        let achieved = count as f64 / wsecs;
+        let kept_up = alive && drain.is_some_and(|d| d <= 1.0);
+        let mut res = json!({
+            "measurement": "sustained",
+            "mode": mode.name,
+            "target_writes_per_s": rate,
+            "achieved_writes_per_s": r1(achieved),
+            "writes": count,
+            "writer_threads": threads,
+            "seconds": r3(wsecs),
+            "lag_events_at_end": lag_end,
+            "lag_events_max": lag_max,
+            "drain_seconds": drain.map(r3),
+            "drain_limit_seconds": mode.drain.as_secs_f64(),
+            "kept_up": kept_up,
+            "mirror_alive": alive,
+            "ratio_to_raw": self.ratio(achieved),
+            "mirror_cpu_seconds_per_10k_events": cpu_per_10k,
+            "mirror_rss_kb_max": rss_max,
+            "lag_samples_every_100ms": samples.iter().map(|s| s.1).collect::<Vec<_>>(),
+        });
+        let status = if kept_up {
+            "kept up".to_string()
+        } else if !alive {
+            format!("MIRROR EXITED {}", m.exited().unwrap_or(-1))
+        } else if drain.is_none() {
+            format!(
+                "fell behind (not caught up {:.0} s after)",
+                mode.drain.as_secs_f64()
+            )
+        } else {
+            "fell behind (drain > 1 s)".to_string()
+        };
+        self.row(
+            &format!("sustained {} {rate:.0}/s", mode.name),
+            format!("{achieved:.0} w/s"),
+            self.ratio(achieved),
+            format!(
+                "{status}; lag end {lag_end}, max {lag_max}; drain {}",
+                drain.map_or("-".into(), |d| format!("{d:.2} s"))
+            ),
+        );
+        let restart = self.revive(mode, m, &format!("sustained {rate:.0}/s"), drain.is_none());
+        if !restart.is_null() {
+            res["restart"] = restart;
+        }
+        self.results.push(res);
+    }
+
+    /// Measurement 4: replication delay, from the source PUT's response to the arrival on a
+    /// watch on the destination.
+    fn delay(&mut self, mode: &Mode, m: &mut Proc, rate: f64, n: u64) {
+        self.say(&format!(
+            "{}: delay at {rate:.0} writes/s, {n} samples ({:.0} s)",
+            mode.name,
+            n as f64 / rate
+        ));
+        let sub = format!("delay-{}-{rate:.0}", mode.name);
+        let dst_dir = format!("{DST_PREFIX}{SRC_PREFIX}/{sub}");
+        let stop = Arc::new(AtomicBool::new(false));
+        let arrivals = Arc::new(Mutex::new(HashMap::new()));
+        let watcher = dst_watcher(
+            self.dst.url.clone(),
+            dst_dir.clone(),
+            head(&self.dst) + 1,
+            stop.clone(),
+            arrivals.clone(),
+        );
+        thread::sleep(Duration::from_millis(100)); // let the watch register
+        let sent: Mutex<Vec<Option<Instant>>> = Mutex::new(vec![None; n as usize]);
+        let log = WriteLog::default();
+        let c = self.src.client.clone();
+        // Tickets 0..n are due before (n - 0.5) / rate, ticket n is not.
+        let dur = Duration::from_secs_f64((n as f64 - 0.5) / rate);
+        let (count, _) = rate_write(
+            &c,
+            rate,
+            dur,
+            1,
+            &|i| format!("{SRC_PREFIX}/{sub}/d{i}"),
+            &log,
+            Some(&|i, t| {
+                if let Some(slot) = sent.lock().unwrap().get_mut(i as usize) {
+                    *slot = Some(t);
+                }
+            }),
+        );
+        let wait = if mode.proxy.is_some() { 20 } else { 5 };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(wait)
+            && (arrivals.lock().unwrap().len() as u64) < count
+            && m.alive()
+        {
+            thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::SeqCst);
+        let _ = watcher.join();
+        let arr = arrivals.lock().unwrap().clone();
+        let sent = sent.into_inner().unwrap();
+        let mut d: Vec<f64> = Vec::new();
+        for (i, s) in sent.iter().enumerate() {
+            if let (Some(s), Some(a)) = (s, arr.get(&format!("{dst_dir}/d{i}"))) {
+                let ms = if *a >= *s {
+                    (*a - *s).as_secs_f64() * 1000.0
+                } else {
+                    -((*s - *a).as_secs_f64() * 1000.0)
+                };
+                d.push(ms);
+            }
+        }
+        d.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let (p50, p99, max) = (
+            percentile(&d, 0.5),
+            percentile(&d, 0.99),
+            d.last().copied().unwrap_or(f64::NAN),
+        );
+        let missing = count - d.len() as u64;
+        let mut res = json!({
+            "measurement": "delay",
+            "mode": mode.name,
+            "writes_per_s": rate,
+            "writes": count,
+            "samples": d.len(),
+            "missing_after_wait": missing,
+            "wait_seconds": wait,
+            "p50_ms": r3(p50),
+            "p99_ms": r3(p99),
+            "max_ms": r3(max),
+            "min_ms": d.first().copied().map(r3),
+            "method": "source PUT response instant -> arrival on a long-poll watch (waitIndex) on the destination, one process, monotonic clock",
+        });
+        self.row(
+            &format!("delay {} {rate:.0}/s p50/p99/max", mode.name),
+            format!("{p50:.2}/{p99:.2}/{max:.1} ms"),
+            None,
+            format!(
+                "{} samples{}",
+                d.len(),
+                if missing > 0 {
+                    format!(", {missing} NOT ARRIVED within {wait} s")
+                } else {
+                    String::new()
+                }
+            ),
+        );
+        let restart = self.revive(mode, m, &format!("delay {rate:.0}/s"), missing > 0);
+        if !restart.is_null() {
+            res["restart"] = restart;
+        }
+        self.results.push(res);
+    }
+
+    /// Measurement 6: background noise, 1000 writes/s outside the prefix; samples the source
+    /// head and the recorded index every 100 ms.
+    fn noise(&mut self, mode: &Mode, m: &mut Proc) {
+        let secs: f64 = env_num("ETCDMIRROR_BENCH_NOISE_SECS", 60.0);
+        self.say(&format!(
+            "{}: background noise, 1000 writes/s outside the prefix for {secs:.0} s",
+            mode.name
+        ));
+        let stop = AtomicBool::new(false);
+        let samples: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+        let c = self.src.client.clone();
+        let dst = self.dst.client.clone();
+        let pid = m.pid();
+        let cpu0 = m.cpu();
+        let ((count, wsecs), rss_max) = thread::scope(|s| {
+            let h = s.spawn(|| {
+                let mut rss_max = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    // Recorded index first, then the head: the distance is never understated.
+                    let rec = repl(&dst);
+                    let h = head(&c);
+                    samples.lock().unwrap().push(h.saturating_sub(rec));
+                    rss_max = rss_max.max(proc_status_kb(pid, "VmRSS").unwrap_or(0));
+                    thread::sleep(Duration::from_millis(100));
+                }
+                rss_max
+            });
+            let log = WriteLog::default();
+            let r = rate_write(
+                &c,
+                1000.0,
+                Duration::from_secs_f64(secs),
+                2,
+                &|i| format!("/noise/n{}", i % 1000),
+                &log,
+                None,
+            );
+            stop.store(true, Ordering::SeqCst);
+            (r, h.join().unwrap())
+        });
+        let alive = m.alive();
+        let cpu1 = m.cpu();
+        let samples = samples.into_inner().unwrap();
+        let worst = samples.iter().copied().max().unwrap_or(0);
+        let mut sorted = samples.clone();
+        sorted.sort_unstable();
+        let p99 = sorted
+            .get(((sorted.len() as f64 * 0.99).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or(0);
+        let achieved = count as f64 / wsecs;
+        let mut res = json!({
+            "measurement": "noise",
+            "mode": mode.name,
+            "writes_per_s_target": 1000,
+            "writes_per_s_achieved": r1(achieved),
+            "seconds": r3(wsecs),
+            "mirror_alive": alive,
+            "worst_head_minus_recorded_index": worst,
+            "p99_head_minus_recorded_index": p99,
+            "margin_before_window_events": WINDOW as i64 - worst as i64,
+            "samples_beyond_window": samples.iter().filter(|&&d| d >= WINDOW).count(),
+            "samples": samples.len(),
+            "mirror_rss_kb_max": rss_max,
+            "mirror_cpu_seconds": match (cpu0, cpu1) {
+                (Some(a), Some(b)) => Some(r3((b - a) as f64 / self.tck)),
+                _ => None,
+            },
+        });
+        self.row(
+            &format!("noise {} 1000/s outside prefix, {secs:.0} s", mode.name),
+            format!("worst {worst} behind"),
+            None,
+            format!(
+                "margin {} of {WINDOW}; p99 {p99}; {achieved:.0} w/s; {}",
+                WINDOW as i64 - worst as i64,
+                if alive {
+                    "mirror alive".to_string()
+                } else {
+                    format!("MIRROR EXITED {}", m.exited().unwrap_or(-1))
+                }
+            ),
+        );
+        let restart = self.revive(mode, m, "noise", false);
+        if !restart.is_null() {
+            res["restart"] = restart;
+        }
+        self.results.push(res);
+    }
+
+    /// Measurement 8: cost while idle (resident memory, CPU, requests sent to the source as
+    /// counted by the proxy) over 20 s with nothing written anywhere; the under-load figures
+    /// come from the sustained runs.
+    fn idle_cost(&mut self, mode: &Mode, m: &mut Proc) {
+        let proxy = mode.proxy.as_ref().expect("idle cost needs the proxy");
+        self.say(&format!(
+            "{}: idle cost: 20 s with no writes (requests counted by the proxy)",
+            mode.name
+        ));
+        thread::sleep(Duration::from_secs(2));
+        let (g0, c0, cpu0) = (
+            proxy.gets.load(Ordering::SeqCst),
+            proxy.conns.load(Ordering::SeqCst),
+            m.cpu(),
+        );
+        let start = Instant::now();
+        thread::sleep(Duration::from_secs(20));
+        let secs = start.elapsed().as_secs_f64();
+        let (g1, c1, cpu1) = (
+            proxy.gets.load(Ordering::SeqCst),
+            proxy.conns.load(Ordering::SeqCst),
+            m.cpu(),
+        );
+        let rss = m.rss_kb();
+        let per_min = (g1 - g0) as f64 * 60.0 / secs;
+        let alive = m.alive();
+        self.results.push(json!({
+            "measurement": "idle_cost",
+            "mode": mode.name,
+            "seconds": r3(secs),
+            "source_requests": g1 - g0,
+            "source_requests_per_min": r1(per_min),
+            "source_connections_opened": c1 - c0,
+            "mirror_rss_kb_idle": rss,
+            "mirror_cpu_seconds_per_min_idle": match (cpu0, cpu1) {
+                (Some(a), Some(b)) => Some(r3((b - a) as f64 / self.tck * 60.0 / secs)),
+                _ => None,
+            },
+            "mirror_alive": alive,
+        }));
+        self.row(
+            "idle: requests/min to the source",
+            format!("{per_min:.0} /min"),
+            None,
+            format!("{} new connections in {secs:.0} s", c1 - c0),
+        );
+        self.row(
+            "idle: mirror RSS",
+            format!("{:.1} MB", rss.unwrap_or(0) as f64 / 1024.0),
+            None,
+            String::new(),
+        );
+        // Under load and CPU: from the sustained runs.
+        let loaded: Vec<&Value> = self
+            .results
+            .iter()
+            .filter(|r| r["measurement"] == "sustained" && r["mode"] == "loopback")
+            .collect();
+        let rss_load = loaded
+            .iter()
+            .filter_map(|r| r["mirror_rss_kb_max"].as_u64())
+            .max()
+            .unwrap_or(0);
+        let at1000 = loaded
+            .iter()
+            .find(|r| r["target_writes_per_s"].as_f64() == Some(1000.0))
+            .or(loaded.first())
+            .copied();
+        let cpu10k = at1000.and_then(|r| r["mirror_cpu_seconds_per_10k_events"].as_f64());
+        let rate = at1000.and_then(|r| r["target_writes_per_s"].as_f64());
+        self.results.push(json!({
+            "measurement": "load_cost",
+            "mirror_rss_kb_max_under_load": rss_load,
+            "rss_source": "max VmRSS sampled every 100 ms during the loopback sustained runs",
+            "mirror_cpu_seconds_per_10k_events": cpu10k,
+            "cpu_source": format!("loopback sustained run at {} writes/s (utime+stime from /proc)", rate.unwrap_or(0.0)),
+        }));
+        self.row(
+            "load: mirror RSS max (loopback sustained)",
+            format!("{:.1} MB", rss_load as f64 / 1024.0),
+            None,
+            String::new(),
+        );
+        self.row(
+            "load: CPU s per 10k events",
+            cpu10k.map_or("-".into(), |c| format!("{c:.2} s")),
+            None,
+            format!("loopback sustained {:.0}/s", rate.unwrap_or(0.0)),
+        );
+    }
+
+    /// Measurement 7: `--reload` of 100,000 keys onto an empty destination, then onto one that
+    /// differs in 10% of the keys.
+    fn reload(&mut self) {
+        let n: u64 = env_num("ETCDMIRROR_BENCH_RELOAD_KEYS", 100_000u64);
+        self.say(&format!(
+            "reload: fresh etcd pair; writing {n} keys to the source with 8 clients"
+        ));
+        let rs = Etcd::start("bench-reload-src");
+        let rd = Etcd::start("bench-reload-dst");
+        let log = WriteLog::default();
+        let key = |i: u64| format!("/big/g{}/k{i}", i % 100);
+        let wsecs = burst_write(&rs.client, n, 8, &key, &log);
+        self.say(&format!(
+            "reload: {n} keys written in {wsecs:.1} s ({:.0}/s, 8 clients)",
+            n as f64 / wsecs
+        ));
+        let args = |_: ()| -> Vec<String> {
+            [
+                "--port",
+                "0",
+                "--src-prefix",
+                "/big",
+                "--dst-prefix",
+                DST_PREFIX,
+                "--reload",
+                &rs.url,
+                &rd.url,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+        };
+        let run = |this: &mut Bench, label: &str, short: &str, diffs: u64| {
+            this.say(&format!("reload: --reload onto {label}"));
+            let start = Instant::now();
+            let mut m = Proc::spawn(&this.bin, &args(()));
+            let r = m.wait_log(Duration::from_secs(300), "Starting replication at");
+            let secs = start.elapsed().as_secs_f64();
+            let hwm = m.hwm_kb();
+            let cpu = m.cpu().map(|t| r3(t as f64 / this.tck));
+            let summary = m
+                .stderr()
+                .lines()
+                .find(|l| l.contains("reload done"))
+                .map(|l| l.to_string());
+            m.stop();
+            let per_s = n as f64 / secs;
+            if let Err(e) = &r {
+                this.odd.push(format!("reload onto {label}: {e}"));
+            }
+            this.results.push(json!({
+                "measurement": "reload",
+                "destination": label,
+                "keys": n,
+                "differing_keys": diffs,
+                "ok": r.is_ok(),
+                "seconds": r3(secs),
+                "keys_per_s": r1(per_s),
+                "ratio_to_raw": this.ratio(per_s),
+                "peak_rss_kb": hwm,
+                "mirror_cpu_seconds": cpu,
+                "log_summary": summary,
+                "timed_until": "\"Starting replication at\" in the mirror's log",
+            }));
+            this.row(
+                &format!("reload {n} keys onto {short}"),
+                format!("{per_s:.0} keys/s"),
+                this.ratio(per_s),
+                format!(
+                    "{}{secs:.1} s; peak RSS {:.1} MB",
+                    if r.is_ok() { "" } else { "FAILED; " },
+                    hwm.unwrap_or(0) as f64 / 1024.0
+                ),
+            );
+        };
+        run(self, "an empty destination", "empty dst", n);
+        // Make 10% of the keys differ: 5% changed values, 2.5% missing, 2.5% extra.
+        let dst = rd.client.clone();
+        let next = AtomicU64::new(0);
+        let step = 10u64;
+        thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| loop {
+                    let j = next.fetch_add(1, Ordering::SeqCst);
+                    let i = j * step;
+                    if i >= n {
+                        break;
+                    }
+                    let k = format!("{DST_PREFIX}{}", key(i));
+                    match j % 4 {
+                        0 | 1 => {
+                            dst.set(&k, "changed");
+                        }
+                        2 => {
+                            dst.delete(&k, &[]);
+                        }
+                        _ => {
+                            dst.set(&format!("{DST_PREFIX}/big/g{}/extra{i}", i % 100), "x");
+                        }
+                    }
+                });
+            }
+        });
+        run(
+            self,
+            "a destination differing in 10% of keys (5% changed, 2.5% missing, 2.5% extra)",
+            "10%-different dst",
+            n / step,
+        );
+    }
+}
+
+/// The end of the mirror's log without the per-event "Replicating key" lines (the last of those
+/// is kept, to show where it was).
+fn log_tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    let last_event = lines.iter().rposition(|l| l.contains("Replicating key"));
+    let mut out: Vec<&str> = lines
+        .iter()
+        .enumerate()
+        .filter(|(i, l)| !l.contains("Replicating key") || Some(*i) == last_event)
+        .map(|(_, l)| *l)
+        .collect();
+    let from = out.len().saturating_sub(6);
+    out.drain(..from);
+    out.join("\n")
+}
+
+fn indent(s: &str) -> String {
+    s.lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
