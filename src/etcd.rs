@@ -520,25 +520,30 @@ impl Client {
         self.write("DELETE", &url, None, &format!("DELETE {key}"))
     }
 
-    /// Watch `prefix` from `wait_index`, as a stream or as one long poll. Each read waits at
-    /// most `idle`.
+    /// Watch `prefix` from `wait_index` (or from now), as a stream or as one long poll.
+    /// Each read waits at most `idle`.
     pub fn watch(
         &self,
         prefix: &str,
-        wait_index: u64,
+        wait_index: Option<u64>,
         idle: Duration,
         streamed: bool,
     ) -> Result<Opened> {
         let mut query = vec![
             ("wait", "true".to_string()),
             ("recursive", "true".to_string()),
-            ("waitIndex", wait_index.to_string()),
         ];
+        if let Some(i) = wait_index {
+            query.push(("waitIndex", i.to_string()));
+        }
         if streamed {
             query.push(("stream", "true".to_string()));
         }
         let url = self.url(prefix, &query);
-        let what = format!("watch {prefix} from {wait_index}");
+        let what = match wait_index {
+            Some(i) => format!("watch {prefix} from {i}"),
+            None => format!("watch {prefix} from now"),
+        };
         let (opened, _) = self.retrying(&what, || {
             let resp = match self.request("GET", &url, None, Some(idle)) {
                 Ok(r) => r,

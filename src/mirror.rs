@@ -12,7 +12,10 @@ use crate::metrics;
 use crate::plan::{plan_event, plan_subtree_event, Op, State};
 
 /// How often an index that moved without an applied event is written to the destination.
+/// Sooner when the source is busy elsewhere, so that a restart finds its index inside the
+/// source's 1000-event history.
 const IDLE_RECORD_EVERY: Duration = Duration::from_secs(1);
+const IDLE_RECORD_EVENTS: u64 = 250;
 
 /// Read the state of a destination key.
 pub fn read_state(dst: &Client, key: &str) -> Result<(State, u64)> {
@@ -219,24 +222,13 @@ impl<'a> Mirror<'a> {
         metrics::update(|s| s.replicated_index = self.index);
         let mut broken_since: Option<Instant> = None;
         loop {
-            let idle = self.pacer.poll_timeout();
             let from = self.index + 1;
-            let streamed = !self.catching_up;
-            let stream = match self
-                .src
-                .watch(&self.keys.src_prefix, from, idle, streamed)?
-            {
-                Opened::Stream(s) => s,
-                Opened::Cleared(msg) => {
-                    return Err(Error::IndexCleared(format!(
-                        "watch from index {from} on {}: {msg}",
-                        self.src.name()
-                    )))
-                }
-            };
-            self.pacer.observe(Instant::now(), stream.registered);
-            self.saw_source(stream.registered);
-            match self.follow(stream)? {
+            let stream = self.open(Some(from), true)?;
+            let mut outcome = self.follow(stream)?;
+            if outcome.is_none() && self.catching_up {
+                outcome = self.catch_up()?;
+            }
+            match outcome {
                 None => broken_since = None,
                 Some(why) => {
                     // A stream that opens but then breaks (reset, garbage) is a transient
@@ -254,6 +246,71 @@ impl<'a> Mirror<'a> {
                 }
             }
         }
+    }
+
+    /// Open a watch from `from` (or from now, with `None`), as a stream or a long poll.
+    fn open(&mut self, from: Option<u64>, streamed: bool) -> Result<Stream> {
+        let idle = self.pacer.poll_timeout();
+        match self
+            .src
+            .watch(&self.keys.src_prefix, from, idle, streamed)?
+        {
+            Opened::Stream(s) => {
+                self.pacer.observe(Instant::now(), s.registered);
+                self.saw_source(s.registered);
+                Ok(s)
+            }
+            Opened::Cleared(msg) => Err(Error::IndexCleared(format!(
+                "watch from index {} on {}: {msg}",
+                self.index + 1,
+                self.src.name()
+            ))),
+        }
+    }
+
+    /// Behind the source's head. etcd replays only one history event per request, so
+    /// register a live stream first: then only the events before its registration index
+    /// `x` cost a round trip each (keep-alive long polls), and everything after arrives on
+    /// the stream, however far away the source is.
+    fn catch_up(&mut self) -> Result<Option<String>> {
+        let live = self.open(None, true)?;
+        let Some(x) = live.registered else {
+            return Ok(None);
+        };
+        debug!(
+            "catching up from {} to {x} while a live stream waits",
+            self.index + 1
+        );
+        while self.index < x {
+            let mut poll = self.open(Some(self.index + 1), false)?;
+            let next = match poll.next() {
+                Ok(n) => n,
+                Err(why) => return Ok(Some(why)),
+            };
+            match next {
+                Next::Event(ev) if ev.node.modified_index <= x => {
+                    debug!(
+                        "index {} was replayed from the history",
+                        ev.node.modified_index
+                    );
+                    self.saw_source(Some(ev.node.modified_index));
+                    self.apply(ev)?;
+                    poll.finish();
+                }
+                // Live already: the stream holds this event and everything after it.
+                Next::Event(_) => {
+                    poll.finish();
+                    break;
+                }
+                // No event from here up to the poll's registration, which is after `x`.
+                Next::Quiet | Next::Closed if poll.registered.is_some_and(|y| y >= x) => break,
+                Next::Quiet | Next::Closed => return Ok(None),
+            }
+        }
+        self.index = self.index.max(x);
+        self.record(false)?;
+        self.catching_up = false;
+        self.follow(live)
     }
 
     /// Apply what one watch delivers until it must be renewed; `Some(why)` when it broke.
@@ -397,7 +454,9 @@ impl<'a> Mirror<'a> {
 
     /// Write the index (compare-and-swap on our last write); `now` = an event was applied.
     fn record(&mut self, now: bool) -> Result<()> {
-        if self.index == self.written || (!now && self.last_record.elapsed() < IDLE_RECORD_EVERY) {
+        let soon = self.last_record.elapsed() < IDLE_RECORD_EVERY
+            && self.index - self.written < IDLE_RECORD_EVENTS;
+        if self.index == self.written || (!now && soon) {
             return Ok(());
         }
         let value = self.index.to_string();

@@ -82,3 +82,69 @@ fn history_replays_and_live_streaming_alternate_without_losing_events() {
     assert!(live >= 4 * 100, "expected live stream events, saw {live}");
     m.assert_alive("after the workload");
 }
+
+/// Across a 15 ms (each way) link a history replay costs a round trip per event, so a mirror
+/// that starts 100 events behind while the source keeps writing 100/s must not stay on
+/// replays: it registers a live stream first and replays only what came before it.
+#[test]
+fn a_distant_mirror_that_starts_behind_catches_up_while_writes_continue() {
+    use common::proxy::Proxy;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    let pair = Pair::start("stream-distance");
+    let upstream = format!("127.0.0.1:{}", pair.src.client_port)
+        .parse()
+        .unwrap();
+    let proxy = Proxy::start(upstream, Duration::from_millis(15));
+    set_replication_index(&pair.dst, "/replica", pair.src.current_index());
+    for i in 0..100 {
+        pair.src
+            .set(&format!("/d/before/{}", i % 40), &format!("v{i}"));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (url, stop) = (pair.src.url.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let c = Client::new(&url);
+            let start = Instant::now();
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(30) {
+                c.set(&format!("/d/during/{}", n % 50), &format!("w{n}"));
+                n += 1;
+                let due = start + Duration::from_millis(n * 1000 / 100);
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            }
+        })
+    };
+    let mut m = Mirror::start(&["-d"], &proxy.url(), &pair.dst.url);
+    // At one round trip (30 ms) per replayed event it could never catch up with 100/s.
+    m.wait_for(
+        Duration::from_secs(20),
+        "the mirror to catch up with the writer",
+        || replication_index(&pair.dst, "/replica").unwrap_or(0) + 20 >= pair.src.current_index(),
+    );
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    m.wait_synced(
+        &pair.src,
+        "/d",
+        &pair.dst,
+        "/replica/d",
+        "/replica",
+        "after the writer",
+    );
+    let log = m.stderr();
+    assert!(
+        log.contains("while a live stream waits"),
+        "{}",
+        tail(&log, 20)
+    );
+    assert!(
+        log.matches("arrived live").count() > 100,
+        "{}",
+        tail(&log, 20)
+    );
+    m.assert_alive("after catching up at a distance");
+}

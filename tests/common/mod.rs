@@ -4,6 +4,8 @@
 //! data dirs under /dev/shm. Everything is cleaned up on drop, so tests can run in parallel.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::net::TcpListener;
