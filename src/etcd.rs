@@ -28,24 +28,26 @@ impl Node {
         self.value.is_none()
     }
 
-    fn from_json(v: &Value) -> std::result::Result<Node, String> {
-        let obj = v.as_object().ok_or("node is not an object")?;
-        let key = obj
-            .get("key")
-            .and_then(Value::as_str)
-            .unwrap_or("/")
-            .to_string();
+    /// Convert a JSON node, consuming it so that a large listing is not held twice.
+    fn from_json(v: Value) -> std::result::Result<Node, String> {
+        let Value::Object(mut obj) = v else {
+            return Err("node is not an object".into());
+        };
+        let key = match obj.remove("key") {
+            Some(Value::String(k)) => k,
+            _ => "/".to_string(),
+        };
         let dir = obj.get("dir").and_then(Value::as_bool).unwrap_or(false);
-        let value = match obj.get("value") {
+        let value = match obj.remove("value") {
             _ if dir => None,
-            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::String(s)) => Some(s),
             // An expired or deleted value node carries no value; it is still not a dir.
             None => Some(String::new()),
             Some(other) => return Err(format!("value of {key} is not a string: {other}")),
         };
-        let nodes = match obj.get("nodes") {
+        let nodes = match obj.remove("nodes") {
             Some(Value::Array(a)) => a
-                .iter()
+                .into_iter()
                 .map(Node::from_json)
                 .collect::<std::result::Result<_, _>>()?,
             _ => Vec::new(),
@@ -61,15 +63,21 @@ impl Node {
         })
     }
 
-    /// Every node below this one, depth first (this node excluded).
-    pub fn descendants(&self) -> Vec<&Node> {
-        let mut out = Vec::new();
-        let mut stack: Vec<&Node> = self.nodes.iter().rev().collect();
-        while let Some(n) = stack.pop() {
-            out.push(n);
-            stack.extend(n.nodes.iter().rev());
-        }
-        out
+    /// Every node below this one, depth first (this node excluded), taken apart as it goes.
+    pub fn into_descendants(self) -> impl Iterator<Item = Node> {
+        let mut stack: Vec<std::vec::IntoIter<Node>> = vec![self.nodes.into_iter()];
+        std::iter::from_fn(move || loop {
+            let top = stack.last_mut()?;
+            match top.next() {
+                Some(mut n) => {
+                    stack.push(std::mem::take(&mut n.nodes).into_iter());
+                    return Some(n);
+                }
+                None => {
+                    stack.pop();
+                }
+            }
+        })
     }
 }
 
@@ -87,20 +95,19 @@ impl Event {
     pub fn parse(body: &[u8]) -> std::result::Result<Event, String> {
         let v: Value =
             serde_json::from_slice(body).map_err(|e| format!("malformed event JSON: {e}"))?;
-        let action = v
-            .get("action")
-            .and_then(Value::as_str)
-            .ok_or("event without an action")?;
-        let node = Node::from_json(v.get("node").ok_or("event without a node")?)?;
-        let prev = match v.get("prevNode") {
+        let Value::Object(mut v) = v else {
+            return Err("event is not an object".into());
+        };
+        let action = match v.remove("action") {
+            Some(Value::String(a)) => a,
+            _ => return Err("event without an action".into()),
+        };
+        let node = Node::from_json(v.remove("node").ok_or("event without a node")?)?;
+        let prev = match v.remove("prevNode") {
             Some(p) if !p.is_null() => Some(Node::from_json(p)?),
             _ => None,
         };
-        Ok(Event {
-            action: action.to_string(),
-            node,
-            prev,
-        })
+        Ok(Event { action, node, prev })
     }
 }
 
@@ -439,11 +446,7 @@ impl Client {
         let (got, _) = self.retrying(&what, || match self.exchange("GET", &url, None) {
             Attempt::Ok((status, body, mut got)) => {
                 if status == 200 {
-                    let parsed = serde_json::from_slice::<Value>(&body)
-                        .map_err(|e| e.to_string())
-                        .and_then(|v| {
-                            Node::from_json(v.get("node").ok_or("no node in the response")?)
-                        });
+                    let parsed = crate::listing::parse_get(&body);
                     match parsed {
                         Ok(n) => got.node = Some(n),
                         Err(e) => return Attempt::Retry(format!("malformed response: {e}")),
@@ -634,8 +637,8 @@ mod tests {
             r#"{"key":"/r","dir":true,"nodes":[{"key":"/r/a","dir":true,"nodes":[{"key":"/r/a/x","value":"1"}]},{"key":"/r/b","value":""}]}"#,
         )
         .unwrap();
-        let n = Node::from_json(&v).unwrap();
-        let keys: Vec<&str> = n.descendants().iter().map(|n| n.key.as_str()).collect();
+        let n = Node::from_json(v).unwrap();
+        let keys: Vec<String> = n.into_descendants().into_iter().map(|n| n.key).collect();
         assert_eq!(keys, ["/r/a", "/r/a/x", "/r/b"]);
     }
 }

@@ -5,6 +5,7 @@ mod endpoint;
 mod error;
 mod etcd;
 mod keys;
+mod listing;
 mod metrics;
 mod mirror;
 mod plan;

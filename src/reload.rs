@@ -19,10 +19,10 @@ pub enum Entry {
 }
 
 impl Entry {
-    fn of(node: &Node) -> Entry {
-        match &node.value {
+    fn of(node: Node) -> Entry {
+        match node.value {
             None => Entry::Dir,
-            Some(v) => Entry::Value(v.clone()),
+            Some(v) => Entry::Value(v),
         }
     }
 }
@@ -81,9 +81,9 @@ pub fn diff(want: &BTreeMap<String, Entry>, have: &BTreeMap<String, (Entry, u64)
 }
 
 /// The source tree as it must appear on the destination (mapped keys, filtered).
-fn wanted(cfg: &Config, root: Option<&Node>) -> BTreeMap<String, Entry> {
+fn wanted(cfg: &Config, root: Option<Node>) -> BTreeMap<String, Entry> {
     let mut out = BTreeMap::new();
-    for node in root.map(Node::descendants).unwrap_or_default() {
+    for node in root.into_iter().flat_map(Node::into_descendants) {
         if let Route::Mirror(dst) = cfg.keys.route(&node.key) {
             out.insert(dst, Entry::of(node));
         }
@@ -92,9 +92,9 @@ fn wanted(cfg: &Config, root: Option<&Node>) -> BTreeMap<String, Entry> {
 }
 
 /// The destination tree that the reload owns: what is not ignored and not replication state.
-fn existing(cfg: &Config, root: Option<&Node>) -> BTreeMap<String, (Entry, u64)> {
+fn existing(cfg: &Config, root: Option<Node>) -> BTreeMap<String, (Entry, u64)> {
     let mut out = BTreeMap::new();
-    for node in root.map(Node::descendants).unwrap_or_default() {
+    for mut node in root.into_iter().flat_map(Node::into_descendants) {
         if below(&node.key, REPLICATION_DIR).is_some() {
             continue;
         }
@@ -104,7 +104,8 @@ fn existing(cfg: &Config, root: Option<&Node>) -> BTreeMap<String, (Entry, u64)>
             .source_of(&node.key)
             .is_some_and(|src| matches!(cfg.keys.route(&src), Route::Mirror(_)));
         if owned {
-            out.insert(node.key.clone(), (Entry::of(node), node.modified_index));
+            let (key, mi) = (std::mem::take(&mut node.key), node.modified_index);
+            out.insert(key, (Entry::of(node), mi));
         }
     }
     out
@@ -158,10 +159,11 @@ fn write_entry(dst: &Client, key: &str, entry: &Entry, cond: &Cond) -> Result<()
 pub fn reload(cfg: &Config, src: &Client, dst: &Client) -> Result<Option<u64>> {
     let started = std::time::Instant::now();
     let dst_root = cfg.keys.dst_root();
-    let snapshot = src.get(&cfg.keys.src_prefix, true)?;
-    let current = dst.get(&dst_root, true)?;
-    let want = wanted(cfg, snapshot.node.as_ref());
-    let have = existing(cfg, current.node.as_ref());
+    // One listing at a time: each is reduced to a flat map before the next is read.
+    let mut snapshot = src.get(&cfg.keys.src_prefix, true)?;
+    let want = wanted(cfg, snapshot.node.take());
+    let mut current = dst.get(&dst_root, true)?;
+    let have = existing(cfg, current.node.take());
     let d = diff(&want, &have);
     info!(
         "reload of {} from {} at index {} onto {}{dst_root}: {}",
