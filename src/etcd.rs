@@ -638,7 +638,7 @@ mod tests {
         )
         .unwrap();
         let n = Node::from_json(v).unwrap();
-        let keys: Vec<String> = n.into_descendants().into_iter().map(|n| n.key).collect();
+        let keys: Vec<String> = n.into_descendants().map(|n| n.key).collect();
         assert_eq!(keys, ["/r/a", "/r/a/x", "/r/b"]);
     }
 }
