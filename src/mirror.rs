@@ -15,7 +15,7 @@ use crate::plan::{plan_event, plan_subtree_event, Op, State};
 /// Sooner when the source is busy elsewhere, so that a restart finds its index inside the
 /// source's 1000-event history.
 const IDLE_RECORD_EVERY: Duration = Duration::from_secs(1);
-const IDLE_RECORD_EVENTS: u64 = 250;
+const IDLE_RECORD_EVENTS: u64 = 100;
 
 /// Read the state of a destination key.
 pub fn read_state(dst: &Client, key: &str) -> Result<(State, u64)> {
