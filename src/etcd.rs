@@ -148,8 +148,6 @@ pub struct Stream {
     reader: std::io::BufReader<ureq::BodyReader<'static>>,
     /// The store index when the watch was registered (`X-Etcd-Index` of the headers).
     pub registered: Option<u64>,
-    /// Opened with `stream=true`.
-    pub streamed: bool,
 }
 
 /// The next thing a stream delivered.
@@ -398,17 +396,17 @@ impl Client {
         }
     }
 
-    /// One request/response exchange; transient faults become `Retry`.
-    fn exchange(
+    /// One request/response exchange: status, body, and the headers that matter.
+    /// Transient faults come back as `Err(Retry)`.
+    fn exchange<T>(
         &self,
         method: &str,
         url: &str,
         body: Option<String>,
-    ) -> Attempt<(u16, Vec<u8>, Got)> {
-        let mut resp = match self.request(method, url, body, None) {
-            Ok(r) => r,
-            Err(e) => return failed(e, self.name()),
-        };
+    ) -> std::result::Result<(u16, Vec<u8>, Got), Attempt<T>> {
+        let mut resp = self
+            .request(method, url, body, None)
+            .map_err(|e| failed(e, self.name()))?;
         let status = resp.status().as_u16();
         let index = header_u64(&resp, "x-etcd-index").unwrap_or(0);
         let cluster_id = resp
@@ -416,22 +414,18 @@ impl Client {
             .get("x-etcd-cluster-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body = match read_body(&mut resp) {
-            Ok(b) => b,
-            Err(e) => return Attempt::Retry(format!("reading the response: {e}")),
-        };
+        let body = read_body(&mut resp)
+            .map_err(|e| Attempt::Retry(format!("reading the response: {e}")))?;
         if status >= 500 {
-            return Attempt::Retry(format!(
-                "HTTP {status}: {}",
-                String::from_utf8_lossy(&body).trim()
-            ));
+            let text = String::from_utf8_lossy(&body).trim().to_string();
+            return Err(Attempt::Retry(format!("HTTP {status}: {text}")));
         }
         let got = Got {
             node: None,
             index,
             cluster_id,
         };
-        Attempt::Ok((status, body, got))
+        Ok((status, body, got))
     }
 
     /// GET a key (recursively when asked). A missing key is `node: None`.
@@ -443,28 +437,28 @@ impl Client {
         };
         let url = self.url(key, &query);
         let what = format!("GET {key}");
-        let (got, _) = self.retrying(&what, || match self.exchange("GET", &url, None) {
-            Attempt::Ok((status, body, mut got)) => {
-                if status == 200 {
-                    let parsed = crate::listing::parse_get(&body);
-                    match parsed {
-                        Ok(n) => got.node = Some(n),
-                        Err(e) => return Attempt::Retry(format!("malformed response: {e}")),
+        let (got, _) = self.retrying(&what, || {
+            let (status, body, mut got) = match self.exchange("GET", &url, None) {
+                Ok(r) => r,
+                Err(a) => return a,
+            };
+            if status == 200 {
+                return match crate::listing::parse_get(&body) {
+                    Ok(n) => {
+                        got.node = Some(n);
+                        Attempt::Ok(got)
                     }
-                    Attempt::Ok(got)
-                } else {
-                    match etcd_error(&body) {
-                        Some((KEY_NOT_FOUND, _)) => Attempt::Ok(got),
-                        Some((code, msg)) => Attempt::Fatal(Error::Usage(format!(
-                            "GET {key} on {} failed: etcd error {code}: {msg}",
-                            self.name()
-                        ))),
-                        None => Attempt::Retry(format!("HTTP {status} without an etcd error body")),
-                    }
-                }
+                    Err(e) => Attempt::Retry(format!("malformed response: {e}")),
+                };
             }
-            Attempt::Retry(w) => Attempt::Retry(w),
-            Attempt::Fatal(e) => Attempt::Fatal(e),
+            match etcd_error(&body) {
+                Some((KEY_NOT_FOUND, _)) => Attempt::Ok(got),
+                Some((code, msg)) => Attempt::Fatal(Error::Usage(format!(
+                    "GET {key} on {} failed: etcd error {code}: {msg}",
+                    self.name()
+                ))),
+                None => Attempt::Retry(format!("HTTP {status} without an etcd error body")),
+            }
         })?;
         Ok(got)
     }
@@ -476,18 +470,18 @@ impl Client {
         body: Option<String>,
         what: &str,
     ) -> Result<(Written, bool)> {
-        self.retrying(what, || match self.exchange(method, url, body.clone()) {
-            Attempt::Ok((status, body, _)) => {
-                if (200..300).contains(&status) {
-                    Attempt::Ok(Written::Done)
-                } else {
-                    match etcd_error(&body) {
-                        Some((code, message)) => Attempt::Ok(Written::Rejected { code, message }),
-                        None => Attempt::Retry(format!("HTTP {status} without an etcd error body")),
-                    }
-                }
+        self.retrying(what, || {
+            let (status, body, _) = match self.exchange(method, url, body.clone()) {
+                Ok(r) => r,
+                Err(a) => return a,
+            };
+            if (200..300).contains(&status) {
+                return Attempt::Ok(Written::Done);
             }
-            other => other_attempt(other),
+            match etcd_error(&body) {
+                Some((code, message)) => Attempt::Ok(Written::Rejected { code, message }),
+                None => Attempt::Retry(format!("HTTP {status} without an etcd error body")),
+            }
         })
     }
 
@@ -548,13 +542,12 @@ impl Client {
             None => format!("watch {prefix} from now"),
         };
         let (opened, _) = self.retrying(&what, || {
-            let resp = match self.request("GET", &url, None, Some(idle)) {
+            let mut resp = match self.request("GET", &url, None, Some(idle)) {
                 Ok(r) => r,
                 Err(e) => return failed(e, self.name()),
             };
             let status = resp.status().as_u16();
             let registered = header_u64(&resp, "x-etcd-index");
-            let mut resp = resp;
             if status != 200 {
                 let body = read_body(&mut resp).unwrap_or_default();
                 return match etcd_error(&body) {
@@ -567,21 +560,9 @@ impl Client {
                 };
             }
             let reader = std::io::BufReader::new(resp.into_body().into_reader());
-            Attempt::Ok(Opened::Stream(Stream {
-                reader,
-                registered,
-                streamed,
-            }))
+            Attempt::Ok(Opened::Stream(Stream { reader, registered }))
         })?;
         Ok(opened)
-    }
-}
-
-fn other_attempt<A, B>(a: Attempt<A>) -> Attempt<B> {
-    match a {
-        Attempt::Retry(w) => Attempt::Retry(w),
-        Attempt::Fatal(e) => Attempt::Fatal(e),
-        Attempt::Ok(_) => unreachable!("handled by the caller"),
     }
 }
 

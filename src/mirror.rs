@@ -194,9 +194,16 @@ pub struct Mirror<'a> {
     first: bool,
     pacer: Pacer,
     retry_timeout: Duration,
-    /// Behind the source's head: fetch history events with keep-alive long polls, one per
-    /// request, and stream only once caught up.
-    catching_up: bool,
+}
+
+/// Why a watch ended.
+enum End {
+    /// Renew it from the next index.
+    Renew,
+    /// It replayed an event from the history: the mirror is behind the source's head.
+    Behind,
+    /// It broke (reset, garbage): a transient fault.
+    Broken(String),
 }
 
 impl<'a> Mirror<'a> {
@@ -212,7 +219,6 @@ impl<'a> Mirror<'a> {
             first: true,
             pacer: Pacer::new(cfg.watch_timeout),
             retry_timeout: cfg.retry_timeout,
-            catching_up: true,
         }
     }
 
@@ -222,15 +228,14 @@ impl<'a> Mirror<'a> {
         metrics::update(|s| s.replicated_index = self.index);
         let mut broken_since: Option<Instant> = None;
         loop {
-            let from = self.index + 1;
-            let stream = self.open(Some(from), true)?;
-            let mut outcome = self.follow(stream)?;
-            if outcome.is_none() && self.catching_up {
-                outcome = self.catch_up()?;
-            }
-            match outcome {
-                None => broken_since = None,
-                Some(why) => {
+            let stream = self.open(Some(self.index + 1), true)?;
+            let end = match self.follow(stream)? {
+                End::Behind => self.catch_up()?,
+                end => end,
+            };
+            match end {
+                End::Renew | End::Behind => broken_since = None,
+                End::Broken(why) => {
                     // A stream that opens but then breaks (reset, garbage) is a transient
                     // fault too: retry it within the same budget.
                     let since = *broken_since.get_or_insert_with(Instant::now);
@@ -272,10 +277,10 @@ impl<'a> Mirror<'a> {
     /// register a live stream first: then only the events before its registration index
     /// `x` cost a round trip each (keep-alive long polls), and everything after arrives on
     /// the stream, however far away the source is.
-    fn catch_up(&mut self) -> Result<Option<String>> {
+    fn catch_up(&mut self) -> Result<End> {
         let live = self.open(None, true)?;
         let Some(x) = live.registered else {
-            return Ok(None);
+            return Ok(End::Renew);
         };
         debug!(
             "catching up from {} to {x} while a live stream waits",
@@ -283,74 +288,52 @@ impl<'a> Mirror<'a> {
         );
         while self.index < x {
             let mut poll = self.open(Some(self.index + 1), false)?;
-            let next = match poll.next() {
-                Ok(n) => n,
-                Err(why) => return Ok(Some(why)),
-            };
-            match next {
-                Next::Event(ev) if ev.node.modified_index <= x => {
-                    debug!(
-                        "index {} was replayed from the history",
-                        ev.node.modified_index
-                    );
-                    self.saw_source(Some(ev.node.modified_index));
-                    self.apply(ev)?;
+            match poll.next() {
+                Err(why) => return Ok(End::Broken(why)),
+                Ok(Next::Event(ev)) if ev.node.modified_index <= x => {
+                    self.take(ev, true)?;
                     poll.finish();
                 }
                 // Live already: the stream holds this event and everything after it.
-                Next::Event(_) => {
+                Ok(Next::Event(_)) => {
                     poll.finish();
                     break;
                 }
                 // No event from here up to the poll's registration, which is after `x`.
-                Next::Quiet | Next::Closed if poll.registered.is_some_and(|y| y >= x) => break,
-                Next::Quiet | Next::Closed => return Ok(None),
+                Ok(Next::Quiet | Next::Closed) if poll.registered.is_some_and(|y| y >= x) => break,
+                Ok(Next::Quiet | Next::Closed) => return Ok(End::Renew),
             }
         }
         self.index = self.index.max(x);
         self.record(false)?;
-        self.catching_up = false;
         self.follow(live)
     }
 
-    /// Apply what one watch delivers until it must be renewed; `Some(why)` when it broke.
-    fn follow(&mut self, mut stream: Stream) -> Result<Option<String>> {
+    /// Apply what one stream delivers until it must be renewed.
+    fn follow(&mut self, mut stream: Stream) -> Result<End> {
         let mut delivered = false;
         loop {
             let next = match stream.next() {
                 Ok(n) => n,
-                Err(why) => return Ok(Some(why)),
+                Err(why) => return Ok(End::Broken(why)),
             };
             match next {
                 Next::Event(ev) => {
                     delivered = true;
                     let replayed = stream.replayed(&ev);
-                    let idx = ev.node.modified_index;
+                    self.take(ev, replayed)?;
+                    // After a replayed event the stream sends nothing more.
                     if replayed {
-                        debug!("index {idx} was replayed from the history");
-                    } else {
-                        debug!("index {idx} arrived live");
-                    }
-                    self.saw_source(Some(idx));
-                    self.apply(ev)?;
-                    // After a replayed event a stream sends nothing more; a long poll is over.
-                    self.catching_up = replayed;
-                    if !stream.streamed {
-                        stream.finish();
-                        return Ok(None);
-                    }
-                    if replayed {
-                        return Ok(None);
+                        return Ok(End::Behind);
                     }
                 }
                 // A stream that ends with no event at all (a proxy closing the poll early) says
                 // as much as a quiet one; pause so that such a proxy cannot make us spin.
-                Next::Closed if delivered => return Ok(None),
+                Next::Closed if delivered => return Ok(End::Renew),
                 Next::Closed | Next::Quiet => {
                     if matches!(next, Next::Closed) {
                         std::thread::sleep(Duration::from_millis(50));
                     }
-                    self.catching_up = false;
                     // The headers were sent when the watch was registered: no event under
                     // the prefix up to that index, so it counts as replicated.
                     if let Some(x) = stream.registered.filter(|&x| x > self.index) {
@@ -358,10 +341,22 @@ impl<'a> Mirror<'a> {
                         self.index = x;
                     }
                     self.record(false)?;
-                    return Ok(None);
+                    return Ok(End::Renew);
                 }
             }
         }
+    }
+
+    /// Apply one watched event, noting where it came from.
+    fn take(&mut self, ev: crate::etcd::Event, replayed: bool) -> Result<()> {
+        let idx = ev.node.modified_index;
+        if replayed {
+            debug!("index {idx} was replayed from the history");
+        } else {
+            debug!("index {idx} arrived live");
+        }
+        self.saw_source(Some(idx));
+        self.apply(ev)
     }
 
     fn saw_source(&self, index: Option<u64>) {
