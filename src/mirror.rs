@@ -6,7 +6,7 @@ use log::{debug, info, warn};
 
 use crate::cli::Config;
 use crate::error::{Error, Result};
-use crate::etcd::{Client, Cond, Next, Opened, Stream, Written};
+use crate::etcd::{Client, Cond, Event, Next, Opened, Stream, Written};
 use crate::keys::{KeyMap, Route};
 use crate::metrics;
 use crate::plan::{plan_event, plan_subtree_event, Op, State};
@@ -348,7 +348,7 @@ impl<'a> Mirror<'a> {
     }
 
     /// Apply one watched event, noting where it came from.
-    fn take(&mut self, ev: crate::etcd::Event, replayed: bool) -> Result<()> {
+    fn take(&mut self, ev: Event, replayed: bool) -> Result<()> {
         let idx = ev.node.modified_index;
         if replayed {
             debug!("index {idx} was replayed from the history");
@@ -366,7 +366,7 @@ impl<'a> Mirror<'a> {
         });
     }
 
-    fn apply(&mut self, ev: crate::etcd::Event) -> Result<()> {
+    fn apply(&mut self, ev: Event) -> Result<()> {
         let idx = ev.node.modified_index;
         let src_key = ev.node.key.clone();
         let (plan, dst_key) = match self.keys.route(&src_key) {
@@ -407,7 +407,7 @@ impl<'a> Mirror<'a> {
                     break;
                 }
                 self.ensure_sole_writer()?;
-                let pre = crate::plan::State::of(ev.prev.as_ref());
+                let pre = State::of(ev.prev.as_ref());
                 return Err(Error::Inconsistency {
                     key: format!(
                         "{dst_key} (source key {src_key}, {} at index {idx})",
