@@ -29,7 +29,8 @@ Replication:
       --strip                      remove the source prefix before adding the destination prefix
       --src-ignore-keys-regex RE   never write source keys that fully match RE (they still
                                    advance the replication index)
-      --watch-timeout SECS         renew a quiet watch at least this often [default: 0.5]
+      --watch-timeout SECS         silence that proves no event is coming, and how often a quiet
+                                   watch is renewed; at least 5 [default: 15]
       --retry-timeout SECS         retry transient faults this long, then exit 1 [default: 60]
 Reload:
       --reload                     make DST an exact copy of SRC by writing only the
@@ -53,6 +54,9 @@ Exit codes:
   4  source index cleared: history window lost (run with --reload)
   5  another writer changed the replication index (stop the other mirror)
 ";
+
+/// The shortest silence that may count as proof that no event is coming.
+pub const MIN_WATCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the command line asks for.
 #[derive(Debug)]
@@ -264,7 +268,14 @@ fn validate(raw: RawArgs) -> Result<Config> {
         strip: raw.strip,
         ignore,
     };
-    let watch_timeout = seconds("--watch-timeout", raw.watch_timeout, 0.5)?;
+    let watch_timeout = seconds("--watch-timeout", raw.watch_timeout, 15.0)?;
+    if watch_timeout < MIN_WATCH_TIMEOUT {
+        return Err(usage(format!(
+            "--watch-timeout must be at least {} s: a shorter silence is no proof that no event \
+             is on its way (a delayed segment takes longer)",
+            MIN_WATCH_TIMEOUT.as_secs()
+        )));
+    }
     let retry_timeout = seconds("--retry-timeout", raw.retry_timeout, 60.0)?;
     let (src, dst) = match raw.positional.as_slice() {
         [s, d] => (
@@ -328,7 +339,7 @@ mod tests {
         assert_eq!(c.keys.dst_prefix, "/replica");
         assert!(!c.keys.strip && !c.reload && !c.debug);
         assert_eq!(c.metrics, Some("0.0.0.0:8000".parse().unwrap()));
-        assert_eq!(c.watch_timeout, Duration::from_millis(500));
+        assert_eq!(c.watch_timeout, Duration::from_secs(15));
         assert_eq!(c.retry_timeout, Duration::from_secs(60));
     }
 
@@ -348,7 +359,7 @@ mod tests {
             "--port",
             "0",
             "--watch-timeout",
-            "0.25",
+            "7.5",
             "--retry-timeout",
             "5",
             "https://u:p@a:1",
@@ -358,7 +369,7 @@ mod tests {
         assert_eq!(c.keys.src_prefix, "/conftool");
         assert_eq!(c.keys.dst_prefix, "/");
         assert_eq!(c.metrics, None);
-        assert_eq!(c.watch_timeout, Duration::from_millis(250));
+        assert_eq!(c.watch_timeout, Duration::from_millis(7500));
         let re = c.keys.ignore.unwrap();
         assert!(re.is_match("/conftool/x/y") && !re.is_match("/conftool/xy"));
         assert_eq!(c.src.base, "https://a:1");
@@ -390,6 +401,7 @@ mod tests {
         assert!(with(&["--port", "70000"]).contains("--port"));
         assert!(with(&["--listen", "localhost"]).contains("--listen"));
         assert!(with(&["--watch-timeout", "0"]).contains("--watch-timeout"));
+        assert!(with(&["--watch-timeout", "4.9"]).contains("at least 5 s"));
         assert!(with(&["--retry-timeout", "x"]).contains("--retry-timeout"));
         assert!(with(&["--dry-run"]).contains("--reload"));
         assert!(with(&["--port"]).contains("--port"));

@@ -15,6 +15,13 @@ pub enum Error {
         source: String,
         destination: String,
     },
+    /// The stored replication index is ahead of the source's current index: the source
+    /// was rebuilt or restored, or is another cluster.
+    IndexAhead {
+        source: String,
+        head: u64,
+        index: u64,
+    },
     /// The source no longer has the events after our index: only `--reload` recovers.
     IndexCleared(String),
     /// Somebody else moved the replication index under us.
@@ -27,7 +34,7 @@ impl Error {
         match self {
             Error::Transient(_) => 1,
             Error::Usage(_) => 2,
-            Error::Inconsistency { .. } => 3,
+            Error::Inconsistency { .. } | Error::IndexAhead { .. } => 3,
             Error::IndexCleared(_) => 4,
             Error::OtherWriter(_) => 5,
         }
@@ -48,6 +55,17 @@ impl fmt::Display for Error {
                 "inconsistency at {key}: the source had {source} before this event, \
                  the destination has {destination}; nothing more was written \
                  (fix the key by hand, or run with --reload --dry-run, then --reload)"
+            ),
+            Error::IndexAhead {
+                source,
+                head,
+                index,
+            } => write!(
+                f,
+                "inconsistency: the replication index {index} on the destination is ahead of the \
+                 source {source}, whose current index is {head} (the source was rebuilt or \
+                 restored, or is another cluster); nothing was written. Compare the trees with \
+                 --reload --dry-run, then run --reload"
             ),
             Error::IndexCleared(m) => write!(
                 f,
@@ -83,6 +101,15 @@ mod tests {
         };
         assert_eq!(inc.exit_code(), 3);
         assert!(inc.to_string().contains("/k"));
+        let ahead = Error::IndexAhead {
+            source: "http://s".into(),
+            head: 10,
+            index: 20,
+        };
+        assert_eq!(ahead.exit_code(), 3);
+        let text = ahead.to_string();
+        assert!(text.contains("ahead of the source") && text.contains("--reload --dry-run"));
+        assert!(text.contains("20") && text.contains("10"));
         assert_eq!(Error::IndexCleared(String::new()).exit_code(), 4);
         assert_eq!(Error::OtherWriter(String::new()).exit_code(), 5);
     }

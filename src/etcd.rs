@@ -135,11 +135,13 @@ pub enum Written {
     },
 }
 
-/// What opening a streamed watch gave.
+/// What opening a watch gave.
 pub enum Opened {
     Stream(Stream),
     /// The requested index has left the source's history.
     Cleared(String),
+    /// The server refused the watch itself (e.g. credentials that do not reach that key).
+    Refused { code: u64, message: String },
 }
 
 /// A watch response: a long poll (one event) or a stream (`stream=true`: events arrive one
@@ -154,7 +156,7 @@ pub struct Stream {
 #[derive(Debug)]
 pub enum Next {
     Event(Event),
-    /// Nothing arrived within the read timeout.
+    /// Not one byte arrived for the read timeout the stream was opened with.
     Quiet,
     /// The server or a proxy ended the response.
     Closed,
@@ -173,10 +175,12 @@ impl Stream {
                 Ok(_) => return Event::parse(&line).map(Next::Event),
                 Err(e) => {
                     let e = ureq::Error::from(e);
-                    // A partial line is dropped with the connection; its event is
-                    // fetched again from the history by the next registration.
-                    return if is_timeout(&e) {
+                    // Bytes of an event arrived and then stopped: that is not silence, so it
+                    // proves nothing. The event is fetched again by the next registration.
+                    return if is_timeout(&e) && line.is_empty() {
                         Ok(Next::Quiet)
+                    } else if is_timeout(&e) {
+                        Err(format!("an event stalled after {} bytes", line.len()))
                     } else {
                         Err(e.to_string())
                     };
@@ -189,12 +193,6 @@ impl Stream {
     pub fn finish(mut self) {
         let _ = std::io::copy(&mut self.reader, &mut std::io::sink());
     }
-
-    /// True when `ev` came from the history rather than from a live registration: the
-    /// server then sends nothing more on this response (see the etcd facts).
-    pub fn replayed(&self, ev: &Event) -> bool {
-        self.registered.is_none_or(|x| ev.node.modified_index <= x)
-    }
 }
 
 /// What a GET found, with the response's store index and cluster id.
@@ -203,6 +201,34 @@ pub struct Got {
     pub node: Option<Node>,
     pub index: u64,
     pub cluster_id: Option<String>,
+}
+
+/// The one retry policy: capped exponential back-off within a time budget.
+pub struct Backoff {
+    start: Instant,
+    delay: Duration,
+    budget: Duration,
+}
+
+impl Backoff {
+    pub fn new(budget: Duration) -> Backoff {
+        Backoff {
+            start: Instant::now(),
+            delay: Duration::from_millis(50),
+            budget,
+        }
+    }
+
+    /// Wait before the next attempt, or `None` (without waiting) once the budget is spent.
+    pub fn wait(&mut self) -> Option<Duration> {
+        let delay = self.delay;
+        if self.start.elapsed().saturating_add(delay) > self.budget {
+            return None;
+        }
+        std::thread::sleep(delay);
+        self.delay = delay.saturating_mul(2).min(Duration::from_secs(5));
+        Some(delay)
+    }
 }
 
 /// What one attempt of a request produced.
@@ -218,6 +244,9 @@ pub struct Client {
     endpoint: Endpoint,
     auth: Option<String>,
     retry_timeout: Duration,
+    /// Set once the server has answered: a TLS failure before that is a configuration
+    /// error, after it (a certificate rotated on the server) a transient fault.
+    answered: std::cell::Cell<bool>,
 }
 
 /// Percent-encode everything but unreserved characters (and `/` when `keep_slash`).
@@ -265,15 +294,15 @@ fn read_body(
     Ok(buf)
 }
 
-/// A failed request: TLS trust and certificate problems need a human (exit 2), the rest is
-/// retried.
-fn failed<T>(e: ureq::Error, name: &str) -> Attempt<T> {
+/// A failed request: TLS trust and certificate problems at start need a human (exit 2);
+/// everything else, and TLS failures once the server has answered before, is retried.
+fn failed<T>(e: ureq::Error, name: &str, answered: bool) -> Attempt<T> {
     let tls = match &e {
         ureq::Error::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
         ureq::Error::Tls(_) | ureq::Error::Rustls(_) | ureq::Error::Pem(_) => true,
         _ => false,
     };
-    if tls {
+    if tls && !answered {
         return Attempt::Fatal(Error::Usage(format!(
             "TLS with {name} failed: {e} (check --ca-file, --cert-file and --key-file for that side)"
         )));
@@ -307,11 +336,13 @@ impl Client {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
-            .timeout_connect(Some(Duration::from_secs(5)))
-            .timeout_send_request(Some(Duration::from_secs(10)))
-            .timeout_send_body(Some(Duration::from_secs(10)))
+            // Generous on every phase: a source across an ocean still answers in time, and
+            // only a watch bounds the silence it waits for (`watch`).
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .timeout_send_request(Some(Duration::from_secs(30)))
+            .timeout_send_body(Some(Duration::from_secs(60)))
             .timeout_recv_response(Some(Duration::from_secs(30)))
-            .timeout_recv_body(Some(Duration::from_secs(60)))
+            .timeout_recv_body(Some(Duration::from_secs(120)))
             .user_agent(concat!("etcdmirror/", env!("CARGO_PKG_VERSION")))
             .tls_config(endpoint.tls.clone())
             .build()
@@ -321,6 +352,7 @@ impl Client {
             auth: endpoint.auth_header(),
             endpoint: endpoint.clone(),
             retry_timeout,
+            answered: std::cell::Cell::new(false),
         }
     }
 
@@ -358,9 +390,15 @@ impl Client {
             .map_err(ureq::Error::from)?;
         let mut req = self.agent.configure_request(req);
         if let Some(t) = idle_read {
+            // ureq's per-read bound also caps each read of the TLS handshake and of the
+            // response headers; `--watch-timeout` is at least 5 s, generous for both.
             req = req.timeout_recv_body(None).timeout_per_read(Some(t));
         }
-        self.agent.run(req.build())
+        let resp = self.agent.run(req.build());
+        if resp.is_ok() {
+            self.answered.set(true);
+        }
+        resp
     }
 
     /// Run `attempt` until it succeeds, fails for good, or transient faults outlast the budget.
@@ -370,26 +408,21 @@ impl Client {
         what: &str,
         mut attempt: impl FnMut() -> Attempt<T>,
     ) -> Result<(T, bool)> {
-        let start = Instant::now();
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = Backoff::new(self.retry_timeout);
         let mut retried = false;
         loop {
             match attempt() {
                 Attempt::Ok(v) => return Ok((v, retried)),
                 Attempt::Fatal(e) => return Err(e),
                 Attempt::Retry(why) => {
-                    if start.elapsed() + delay > self.retry_timeout {
+                    warn!("{what} on {} failed ({why}); retrying", self.name());
+                    if backoff.wait().is_none() {
                         return Err(Error::Transient(format!(
                             "{what} on {}: {why}",
                             self.name()
                         )));
                     }
-                    warn!(
-                        "{what} on {} failed ({why}); retrying in {delay:?}",
-                        self.name()
-                    );
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    crate::metrics::update(|s| s.retries = s.retries.saturating_add(1));
                     retried = true;
                 }
             }
@@ -406,7 +439,7 @@ impl Client {
     ) -> std::result::Result<(u16, Vec<u8>, Got), Attempt<T>> {
         let mut resp = self
             .request(method, url, body, None)
-            .map_err(|e| failed(e, self.name()))?;
+            .map_err(|e| failed(e, self.name(), self.answered.get()))?;
         let status = resp.status().as_u16();
         let index = header_u64(&resp, "x-etcd-index").unwrap_or(0);
         let cluster_id = resp
@@ -517,34 +550,29 @@ impl Client {
         self.write("DELETE", &url, None, &format!("DELETE {key}"))
     }
 
-    /// Watch `prefix` from `wait_index` (or from now), as a stream or as one long poll.
-    /// Each read waits at most `idle`.
+    /// Watch `key` recursively from `wait_index`, as a stream or as one long poll. A read
+    /// of the body that gets no byte for `idle` ends with `Next::Quiet`.
     pub fn watch(
         &self,
-        prefix: &str,
-        wait_index: Option<u64>,
+        key: &str,
+        wait_index: u64,
         idle: Duration,
         streamed: bool,
     ) -> Result<Opened> {
         let mut query = vec![
             ("wait", "true".to_string()),
             ("recursive", "true".to_string()),
+            ("waitIndex", wait_index.to_string()),
         ];
-        if let Some(i) = wait_index {
-            query.push(("waitIndex", i.to_string()));
-        }
         if streamed {
             query.push(("stream", "true".to_string()));
         }
-        let url = self.url(prefix, &query);
-        let what = match wait_index {
-            Some(i) => format!("watch {prefix} from {i}"),
-            None => format!("watch {prefix} from now"),
-        };
+        let url = self.url(key, &query);
+        let what = format!("watch {key} from {wait_index}");
         let (opened, _) = self.retrying(&what, || {
             let mut resp = match self.request("GET", &url, None, Some(idle)) {
                 Ok(r) => r,
-                Err(e) => return failed(e, self.name()),
+                Err(e) => return failed(e, self.name(), self.answered.get()),
             };
             let status = resp.status().as_u16();
             let registered = header_u64(&resp, "x-etcd-index");
@@ -552,10 +580,9 @@ impl Client {
                 let body = read_body(&mut resp).unwrap_or_default();
                 return match etcd_error(&body) {
                     Some((EVENT_INDEX_CLEARED, msg)) => Attempt::Ok(Opened::Cleared(msg)),
-                    Some((code, msg)) if status < 500 => Attempt::Fatal(Error::Usage(format!(
-                        "{what} on {} refused: etcd error {code}: {msg}",
-                        self.name()
-                    ))),
+                    Some((code, message)) if status < 500 => {
+                        Attempt::Ok(Opened::Refused { code, message })
+                    }
                     _ => Attempt::Retry(format!("HTTP {status}")),
                 };
             }

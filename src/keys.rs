@@ -5,6 +5,9 @@ use regex_lite::Regex;
 /// Where the replication index of a destination prefix is stored.
 pub const REPLICATION_DIR: &str = "/__replication";
 
+/// Why a key outside the source prefix is not mirrored (the root watch sees every key).
+pub const OUTSIDE: &str = "outside the source prefix";
+
 /// What to do with a source key.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route {
@@ -89,7 +92,7 @@ impl KeyMap {
             return if below(&self.src_prefix, key).is_some() {
                 Route::Subtree
             } else {
-                Route::Skip("outside the source prefix")
+                Route::Skip(OUTSIDE)
             };
         };
         if rest.is_empty() {

@@ -1,6 +1,7 @@
 //! Entry point: parse the command line, run, and map the outcome to an exit code in one place.
 
 mod cli;
+mod dest;
 mod endpoint;
 mod error;
 mod etcd;
@@ -8,9 +9,11 @@ mod keys;
 mod listing;
 mod metrics;
 mod mirror;
+mod pace;
 mod plan;
 mod reload;
 mod startup;
+mod watch;
 
 use std::process::ExitCode;
 

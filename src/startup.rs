@@ -6,7 +6,7 @@ use std::io::Write;
 use crate::cli::Config;
 use crate::error::{Error, Result};
 use crate::etcd::Client;
-use crate::{metrics, mirror, reload};
+use crate::{dest, metrics, mirror, reload};
 
 /// Log to stderr; under systemd (`JOURNAL_STREAM`) with syslog priorities and no timestamps.
 pub fn init_logging(debug: bool) {
@@ -78,7 +78,7 @@ pub fn run(cfg: &Config) -> Result<()> {
         }
     } else {
         let key = cfg.keys.index_key();
-        let (index, _) = mirror::read_index(&dst, &key)?.ok_or_else(|| {
+        let (index, _) = dest::read_index(&dst, &key)?.ok_or_else(|| {
             Error::Usage(format!(
                 "no replication index at {key} on {}: the destination was never loaded; run with --reload",
                 dst.name()

@@ -1,0 +1,266 @@
+//! What arrives from the source: one watch at a time, and what each answer proves.
+//!
+//! The argument for why no event is skipped (the README repeats it):
+//! - etcd answers a watch from `waitIndex=N` with the first event at or after N under the
+//!   watched key, from its history or, once registered, live; a stream then delivers every
+//!   later event in index order on one TCP connection. So an event with index M that
+//!   arrives proves that no event under the key lies in [N, M): the index may move to M.
+//! - By default the watched key is the source's root, so every write anywhere moves the
+//!   index by an event that arrived; nothing rests on silence while the source is busy.
+//! - Silence is a proof only when it is long: a registration whose headers (with
+//!   `X-Etcd-Index` = x) are followed by `--watch-timeout` (at least 5 s, default 15 s) without
+//!   one byte of body proves no event in [N, x]. etcd writes a history hit right after the
+//!   headers, so only a body delayed longer than that could be missed; a shorter pause of the
+//!   network or the server is waited out. Only invisible writes (TTL refreshes, hidden keys)
+//!   and a watch limited to the prefix need this proof.
+//! - An answer that cannot be right (an event before N or out of order, a key the watch did
+//!   not ask about) is never applied: the watch is treated as broken and opened again.
+
+use std::time::Duration;
+
+use log::{debug, warn};
+
+use crate::error::{Error, Result};
+use crate::etcd::{Backoff, Client, Event, Next, Opened, Stream};
+use crate::keys::below;
+use crate::metrics;
+
+/// etcd's "insufficient credentials" error code: the root cannot be watched.
+const UNAUTHORIZED: u64 = 110;
+
+/// What the watch delivered that moves the replication index.
+#[derive(Debug)]
+pub enum Arrival {
+    /// The next source event under the watched key, in index order.
+    Event(Event),
+    /// No event under the watched key up to this index (a registration held silent).
+    Quiet(u64),
+}
+
+/// One open watch response and what it has shown so far.
+struct Open {
+    stream: Stream,
+    /// The `waitIndex` it was opened with.
+    from: u64,
+    /// `X-Etcd-Index` of its headers: the store index when the watch was registered.
+    registered: u64,
+    /// The last event it delivered.
+    last: Option<u64>,
+    streamed: bool,
+}
+
+/// The source watch: opens, validates and renews watch responses.
+pub struct Watch<'a> {
+    src: &'a Client,
+    /// The watched key: the source's root, or the prefix when the root is refused.
+    key: String,
+    prefix: String,
+    /// How long silence must last to count as proof (`--watch-timeout`).
+    hold: Duration,
+    retry_timeout: Duration,
+    open: Option<Open>,
+    /// The last event came from the history: catch up with keep-alive long polls, since
+    /// etcd sends nothing after a history event on a stream.
+    behind: bool,
+    broken: Option<Backoff>,
+}
+
+/// Why an answer cannot be right, if it cannot.
+fn implausible(ev: &Event, from: u64, last: Option<u64>, key: &str) -> Option<String> {
+    let idx = ev.node.modified_index;
+    let related = below(&ev.node.key, key).is_some() || below(key, &ev.node.key).is_some();
+    if idx < from {
+        Some(format!(
+            "event at index {idx} is older than the index {from} the watch asked for"
+        ))
+    } else if last.is_some_and(|l| idx <= l) {
+        Some(format!("event at index {idx} arrived out of order"))
+    } else if !related {
+        Some(format!(
+            "event for {} is neither under nor above the watched {key}",
+            ev.node.key
+        ))
+    } else {
+        None
+    }
+}
+
+impl<'a> Watch<'a> {
+    pub fn new(
+        src: &'a Client,
+        prefix: &str,
+        hold: Duration,
+        retry_timeout: Duration,
+    ) -> Watch<'a> {
+        Watch {
+            src,
+            key: "/".to_string(),
+            prefix: prefix.to_string(),
+            hold,
+            retry_timeout,
+            open: None,
+            behind: false,
+            broken: None,
+        }
+    }
+
+    /// The next arrival after `index`, every source event up to which has been applied.
+    pub fn next(&mut self, index: u64) -> Result<Arrival> {
+        loop {
+            let mut open = match self.open.take() {
+                Some(open) => open,
+                None => self.open(index)?,
+            };
+            match open.stream.next() {
+                Ok(Next::Event(ev)) => {
+                    if let Some(why) = implausible(&ev, open.from, open.last, &self.key) {
+                        warn!(
+                            "broken answer from {}, not applied: {why}",
+                            self.src.name()
+                        );
+                        self.broke(why)?;
+                        continue;
+                    }
+                    let idx = ev.node.modified_index;
+                    let replayed = idx <= open.registered;
+                    if replayed {
+                        debug!("index {idx} was replayed from the history");
+                    } else {
+                        debug!("index {idx} arrived live");
+                    }
+                    self.broken = None;
+                    self.behind = replayed;
+                    if open.streamed && !replayed {
+                        open.last = Some(idx);
+                        self.open = Some(open);
+                    } else if !open.streamed {
+                        open.stream.finish();
+                    }
+                    return Ok(Arrival::Event(ev));
+                }
+                Ok(Next::Quiet) => {
+                    self.broken = None;
+                    self.behind = false;
+                    if open.registered > index {
+                        return Ok(Arrival::Quiet(open.registered));
+                    }
+                    debug!("renewing the quiet watch on {}", self.key);
+                }
+                Ok(Next::Closed) => {
+                    // A proxy that ends polls early must not make us spin.
+                    if open.last.is_none() {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+                Err(why) => self.broke(why)?,
+            }
+        }
+    }
+
+    /// Open a watch from `index + 1`, after checking the index against the source's.
+    fn open(&mut self, index: u64) -> Result<Open> {
+        let from = index.saturating_add(1);
+        let streamed = !self.behind;
+        loop {
+            match self.src.watch(&self.key, from, self.hold, streamed)? {
+                Opened::Stream(stream) => {
+                    let Some(registered) = stream.registered else {
+                        self.broke("a watch answer without X-Etcd-Index".into())?;
+                        continue;
+                    };
+                    metrics::update(|s| {
+                        s.source_index = s.source_index.max(registered);
+                        s.last_watch = Some(std::time::Instant::now());
+                    });
+                    if registered < index {
+                        return Err(Error::IndexAhead {
+                            source: self.src.name().to_string(),
+                            head: registered,
+                            index,
+                        });
+                    }
+                    return Ok(Open {
+                        stream,
+                        from,
+                        registered,
+                        last: None,
+                        streamed,
+                    });
+                }
+                Opened::Cleared(msg) => {
+                    return Err(Error::IndexCleared(format!(
+                        "watch from index {from} on {}: {msg}",
+                        self.src.name()
+                    )))
+                }
+                Opened::Refused { code, message } if code == UNAUTHORIZED && self.key != self.prefix => {
+                    warn!(
+                        "{} refuses a watch on its root ({message}); watching only {}, so an idle \
+                         prefix advances only by silence held for --watch-timeout",
+                        self.src.name(),
+                        self.prefix
+                    );
+                    self.key = self.prefix.clone();
+                }
+                Opened::Refused { code, message } => {
+                    return Err(Error::Usage(format!(
+                        "watch {} on {} refused: etcd error {code}: {message}",
+                        self.key,
+                        self.src.name()
+                    )))
+                }
+            }
+        }
+    }
+
+    /// A watch broke (reset, garbage, an impossible answer): retry within the budget.
+    fn broke(&mut self, why: String) -> Result<()> {
+        self.open = None;
+        self.behind = false;
+        let backoff = self
+            .broken
+            .get_or_insert_with(|| Backoff::new(self.retry_timeout));
+        warn!("watch on {} broke ({why}); reconnecting", self.src.name());
+        metrics::update(|s| s.retries = s.retries.saturating_add(1));
+        match backoff.wait() {
+            Some(_) => Ok(()),
+            None => Err(Error::Transient(format!(
+                "watch on {}: {why}",
+                self.src.name()
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::etcd::Node;
+
+    fn ev(key: &str, idx: u64) -> Event {
+        Event {
+            action: "set".into(),
+            node: Node {
+                key: key.into(),
+                value: Some("v".into()),
+                modified_index: idx,
+                nodes: vec![],
+            },
+            prev: None,
+        }
+    }
+
+    fn bad(key: &str, idx: u64, from: u64, last: Option<u64>, watched: &str) -> bool {
+        implausible(&ev(key, idx), from, last, watched).is_some()
+    }
+
+    #[test]
+    fn answers_that_cannot_be_right() {
+        assert!(bad("/p/a", 4, 5, None, "/p"));
+        assert!(bad("/p/a", 7, 5, Some(7), "/p"));
+        assert!(bad("/q/a", 7, 5, None, "/p"));
+        assert!(!bad("/", 7, 5, None, "/p"));
+        assert!(!bad("/p/a/b", 7, 5, Some(6), "/p"));
+        assert!(!bad("/anything", 7, 5, None, "/"));
+    }
+}
