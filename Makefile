@@ -5,6 +5,8 @@
 #   make lint    rustfmt + clippy, warnings are errors
 #   make bench   performance harness (tests/bench.rs, release binary, own etcd servers on
 #                /dev/shm; under 10 minutes): prints a table, writes target/bench/results.json
+#   make soak    long mixed workload with faults, kills and etcd restarts (tests/soak.rs;
+#                SOAK_SECS, default 900): prints a summary, writes target/soak/summary.txt
 #   make vendor  copy all crates into vendor/ for an offline build
 #   make offline-check  prove `cargo build --offline --locked --release` works from vendor/
 #                with an empty CARGO_HOME (release build in a temporary target dir)
@@ -34,7 +36,7 @@ BIN ?= target/release/etcdmirror
 VENDOR_CONFIG = --config 'source.crates-io.replace-with="vendored-sources"' \
                 --config 'source.vendored-sources.directory="$(CURDIR)/vendor"'
 
-.PHONY: build test bench demo lint vendor offline-check install uninstall clean check-etcd
+.PHONY: build test bench soak demo lint vendor offline-check install uninstall clean check-etcd
 
 build:
 	$(CARGO) build --release
@@ -53,6 +55,11 @@ test: check-etcd
 bench: check-etcd
 	$(CARGO) build --release
 	ETCDMIRROR_BENCH=1 $(CARGO) test --release --test bench
+
+SOAK_SECS ?= 900
+soak: check-etcd
+	$(CARGO) build --release
+	ETCDMIRROR_SOAK=1 ETCDMIRROR_SOAK_SECS=$(SOAK_SECS) $(CARGO) test --release --test soak
 
 demo:
 	bash tests/demo.sh

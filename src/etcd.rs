@@ -141,7 +141,10 @@ pub enum Opened {
     /// The requested index has left the source's history.
     Cleared(String),
     /// The server refused the watch itself (e.g. credentials that do not reach that key).
-    Refused { code: u64, message: String },
+    Refused {
+        code: u64,
+        message: String,
+    },
 }
 
 /// A watch response: a long poll (one event) or a stream (`stream=true`: events arrive one

@@ -70,7 +70,13 @@ mod tests {
 
     fn step() -> impl Strategy<Value = Step> {
         (
-            prop_oneof![0..50u64, 0..5_000u64, 0..200_000u64, Just(0), Just(u64::MAX >> 24)],
+            prop_oneof![
+                0..50u64,
+                0..5_000u64,
+                0..200_000u64,
+                Just(0),
+                Just(u64::MAX >> 24)
+            ],
             prop_oneof![Just(0u64), 1..3u64, 1..2_000u64, Just(u64::MAX >> 8)],
             any::<bool>(),
         )

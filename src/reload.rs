@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use log::{info, warn};
 
 use crate::cli::Config;
+use crate::dest::read_index;
 use crate::error::{Error, Result};
 use crate::etcd::{Client, Cond, Node, Written};
 use crate::keys::{below, Route, REPLICATION_DIR};
-use crate::dest::read_index;
 
 /// A key as seen in a tree listing: a value, or a directory.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -33,7 +33,8 @@ const UNAUTHORIZED: u64 = 110;
 pub enum Arrival {
     /// The next source event under the watched key, in index order.
     Event(Event),
-    /// No event under the watched key up to this index (a registration held silent).
+    /// No event under the watched key up to this index (a registration held silent for
+    /// the whole `--watch-timeout`); the watch is renewed.
     Quiet(u64),
 }
 
@@ -114,10 +115,7 @@ impl<'a> Watch<'a> {
             match open.stream.next() {
                 Ok(Next::Event(ev)) => {
                     if let Some(why) = implausible(&ev, open.from, open.last, &self.key) {
-                        warn!(
-                            "broken answer from {}, not applied: {why}",
-                            self.src.name()
-                        );
+                        warn!("broken answer from {}, not applied: {why}", self.src.name());
                         self.broke(why)?;
                         continue;
                     }
@@ -139,12 +137,11 @@ impl<'a> Watch<'a> {
                     return Ok(Arrival::Event(ev));
                 }
                 Ok(Next::Quiet) => {
+                    // Renewed from the next index: a new registration is also the proof for
+                    // writes no watch sees (TTL refreshes, hidden keys).
                     self.broken = None;
                     self.behind = false;
-                    if open.registered > index {
-                        return Ok(Arrival::Quiet(open.registered));
-                    }
-                    debug!("renewing the quiet watch on {}", self.key);
+                    return Ok(Arrival::Quiet(open.registered));
                 }
                 Ok(Next::Closed) => {
                     // A proxy that ends polls early must not make us spin.
@@ -193,7 +190,9 @@ impl<'a> Watch<'a> {
                         self.src.name()
                     )))
                 }
-                Opened::Refused { code, message } if code == UNAUTHORIZED && self.key != self.prefix => {
+                Opened::Refused { code, message }
+                    if code == UNAUTHORIZED && self.key != self.prefix =>
+                {
                     warn!(
                         "{} refuses a watch on its root ({message}); watching only {}, so an idle \
                          prefix advances only by silence held for --watch-timeout",

@@ -111,8 +111,10 @@ fn stalled_watch_body_proves_its_registration_only_after_the_whole_watch_timeout
         started.elapsed()
     );
     let before = served.load(Ordering::SeqCst);
-    m.wait_for(Duration::from_secs(15), "a renewal after the next silence", || {
-        served.load(Ordering::SeqCst) > before
-    });
+    m.wait_for(
+        Duration::from_secs(15),
+        "a renewal after the next silence",
+        || served.load(Ordering::SeqCst) > before,
+    );
     m.assert_alive("after stalled watches");
 }

@@ -36,15 +36,20 @@ fn incident_2024_02_28_quiet_after_1100_outside_writes() {
     assert!(after_burst >= first + 1100);
     m.assert_alive("right after 1100 writes outside the prefix");
 
-    // More than a minute with no writes at all.
-    stay_alive_for(&mut m, Duration::from_secs(62), "during the quiet minute");
-    // While idle the mirror records the source index it has proven (no event in its prefix).
+    // A minute and a half with no writes at all: well past the 65 s at which the old pacer
+    // panicked after a burst.
+    stay_alive_for(&mut m, Duration::from_secs(90), "during the quiet period");
+    // The root watch saw every outside write arrive, so the stored index followed them.
     let idx = replication_index(&p.dst, "/replica").unwrap();
     assert!(
         idx + 1000 > after_burst,
         "stored index {idx} is more than 1000 behind the source ({after_burst}): a restart \
          would lose the window"
     );
+    // The incident itself was a restart: a killed mirror must resume inside the window.
+    assert_eq!(m.kill(), 128 + 9);
+    let mut m = Mirror::start(&["--src-prefix", "/conftool"], &p.src.url, &p.dst.url);
+    m.wait_log(Duration::from_secs(10), "Starting replication at");
 
     let last = p
         .src
@@ -69,6 +74,7 @@ fn busy_source_1000_writes_per_second_outside_prefix() {
     let target_rate = 1000u64;
     let done = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
+    let mut worst_behind = 0u64;
     let t0 = Instant::now();
     std::thread::scope(|s| {
         for w in 0..4u64 {
@@ -94,10 +100,13 @@ fn busy_source_1000_writes_per_second_outside_prefix() {
                 }
             });
         }
-        // meanwhile, the mirror must stay alive
+        // Meanwhile the mirror stays alive and its stored index stays inside the window,
+        // so that a restart at any moment would resume.
         while t0.elapsed() < duration {
             m.assert_alive("during the busy period");
-            std::thread::sleep(Duration::from_millis(200));
+            let stored = replication_index(&p.dst, "/replica").unwrap_or(0);
+            worst_behind = worst_behind.max(p.src.current_index().saturating_sub(stored));
+            std::thread::sleep(Duration::from_millis(100));
         }
     });
     let elapsed = t0.elapsed().as_secs_f64();
@@ -108,10 +117,19 @@ fn busy_source_1000_writes_per_second_outside_prefix() {
     );
     assert!(!failed.load(Ordering::Relaxed), "some source writes failed");
     assert!(
-        n > 1000,
-        "the writer managed only {n} writes; the test proves nothing"
+        n as f64 / elapsed >= 0.8 * target_rate as f64,
+        "the writers managed only {n} writes in {elapsed:.1} s; the test proves nothing"
+    );
+    println!("stored index at most {worst_behind} behind the source");
+    assert!(
+        worst_behind < 700,
+        "the stored index fell {worst_behind} events behind: a restart could lose the window"
     );
     m.assert_alive("right after the busy period");
+    // A restart right after the burst resumes inside the window.
+    assert_eq!(m.kill(), 128 + 9);
+    let mut m = Mirror::start(&["--src-prefix", "/conftool"], &p.src.url, &p.dst.url);
+    m.wait_log(Duration::from_secs(10), "Starting replication at");
 
     let last = p
         .src

@@ -423,6 +423,8 @@ pub struct Etcd {
     pub client_port: u16,
     pub client: Client,
     child: Child,
+    /// The etcd command line, to start the same member again on the same data (`restart`).
+    argv: Vec<std::ffi::OsString>,
     scratch: Scratch,
 }
 
@@ -484,8 +486,7 @@ impl Etcd {
                 .arg(&t.ca)
                 .arg("--client-cert-auth");
         }
-        let mut child = cmd
-            .arg("--name")
+        cmd.arg("--name")
             .arg(&name)
             .arg("--data-dir")
             .arg(scratch.path.join("data"))
@@ -504,7 +505,9 @@ impl Etcd {
             .arg(&name)
             .arg("--logger=zap")
             .arg("--log-outputs=stderr")
-            .arg("--log-level=warn")
+            .arg("--log-level=warn");
+        let argv: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_os_string()).collect();
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -560,8 +563,34 @@ impl Etcd {
             client_port: cport,
             client,
             child,
+            argv,
             scratch,
         })
+    }
+
+    /// SIGKILL the server and start it again on the same data dir and ports; returns once
+    /// it answers again.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let log = fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(self.scratch.path.join("etcd.log"))
+            .expect("etcd log");
+        let log2 = log.try_clone().expect("etcd log");
+        self.child = Command::new("etcd")
+            .args(&self.argv)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .expect("respawn etcd");
+        wait_until(
+            Duration::from_secs(30),
+            "etcd to answer after a restart",
+            || self.client.get_raw("/", &[]).status == 200,
+        );
     }
 
     /// The URL with basic-auth credentials embedded.

@@ -1,0 +1,317 @@
+//! `make soak`: a long mixed workload against real etcd through a delaying proxy, with bursts
+//! and silences of 1 to 120 s, random SIGKILLs of the mirror, and restarts of both etcd
+//! servers; trees compared at checkpoints. Prints a summary and fails on any lost event or
+//! any exit outside the table. Runs only with ETCDMIRROR_SOAK=1 (`make soak`);
+//! ETCDMIRROR_SOAK_SECS sets the length (default 900).
+
+mod common;
+
+use common::proxy::{Faults, Proxy};
+use common::*;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What the writer is asked to do: `rate` writes per second (0 = silence).
+struct Plan {
+    rate: AtomicU64,
+    /// Share of writes under the mirrored prefix, in percent.
+    inside: AtomicU64,
+    paused: AtomicBool,
+    idle: AtomicBool,
+    stop: AtomicBool,
+    writes: AtomicU64,
+}
+
+/// One write of the mixed workload under /s (every action and tree shape the mirror
+/// handles) or outside it.
+fn one_write(c: &Client, rng: &mut Rng, inside: bool, n: u64) {
+    if !inside {
+        c.set(&format!("/o/k{}", rng.below(64)), &n.to_string());
+        return;
+    }
+    let d = rng.below(6);
+    let k = rng.below(8);
+    let key = format!("/s/d{d}/k{k}");
+    match rng.below(20) {
+        0..=5 => {
+            c.set(&key, &format!("v{n}"));
+        }
+        6 => {
+            c.set(&format!("/s/empty{k}"), "");
+        }
+        7 => {
+            c.put(&key, &[("value", &format!("c{n}")), ("prevExist", "false")]);
+        }
+        8 => {
+            if let Some(v) = c.get(&key).filter(|v| !v.is_empty()) {
+                c.put(&key, &[("value", &format!("cas{n}")), ("prevValue", &v)]);
+            }
+        }
+        9 => {
+            c.put(&key, &[("value", &format!("u{n}")), ("prevExist", "true")]);
+        }
+        10 => {
+            c.delete(&key, &[]);
+        }
+        11 => {
+            if let Some(v) = c.get(&key).filter(|v| !v.is_empty()) {
+                c.delete(&key, &[("prevValue", &v)]);
+            }
+        }
+        12 => {
+            c.put(
+                &format!("/s/ttl/t{k}"),
+                &[("value", "t"), ("ttl", &(1 + rng.below(3)).to_string())],
+            );
+        }
+        13 => {
+            c.post("/s/queue", &[("value", &n.to_string())]);
+        }
+        14 => {
+            c.mkdir(&format!("/s/d{d}/sub{k}"));
+        }
+        15 => {
+            c.set(&format!("/s/d{d}/_lock{k}"), "hidden");
+        }
+        16 => {
+            c.delete(&format!("/s/d{d}"), &[("recursive", "true")]);
+        }
+        17 => {
+            c.delete("/s/queue", &[("recursive", "true")]);
+        }
+        _ => {
+            c.set(&format!("/s/d{d}/sub{k}/x"), &n.to_string());
+        }
+    }
+}
+
+fn writer(url: String, plan: Arc<Plan>, seed: u64) {
+    let c = Client::new(&url);
+    let mut rng = Rng::new(seed);
+    let mut n = 0u64;
+    let mut next = Instant::now();
+    while !plan.stop.load(Ordering::SeqCst) {
+        let rate = plan.rate.load(Ordering::SeqCst);
+        if plan.paused.load(Ordering::SeqCst) || rate == 0 {
+            plan.idle.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(20));
+            next = Instant::now();
+            continue;
+        }
+        plan.idle.store(false, Ordering::SeqCst);
+        let inside = rng.below(100) < plan.inside.load(Ordering::SeqCst);
+        one_write(&c, &mut rng, inside, n);
+        n += 1;
+        plan.writes.fetch_add(1, Ordering::SeqCst);
+        next += Duration::from_micros(1_000_000 / rate.max(1));
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    checkpoints: u64,
+    lost: Vec<String>,
+    kills: u64,
+    src_restarts: u64,
+    dst_restarts: u64,
+    exits: BTreeMap<i32, u64>,
+    reloads: u64,
+    bad_exits: Vec<String>,
+}
+
+const ARGS: [&str; 4] = ["--src-prefix", "/s", "--retry-timeout", "20"];
+
+fn start(proxy: &Proxy, dst: &Etcd, reload: bool) -> Mirror {
+    let mut args = ARGS.to_vec();
+    if reload {
+        args.push("--reload");
+    }
+    Mirror::start(&args, &proxy.url(), &dst.url)
+}
+
+/// Handle a mirror that stopped by itself: restart it as systemd would (exit 1), reload
+/// after a lost window (exit 4), count anything else as a failure and reload to go on.
+fn restart_after_exit(code: i32, m: &mut Mirror, proxy: &Proxy, dst: &Etcd, t: &mut Tally) {
+    *t.exits.entry(code).or_default() += 1;
+    let reload = match code {
+        1 => false,
+        4 => {
+            t.reloads += 1;
+            true
+        }
+        _ => {
+            t.bad_exits
+                .push(format!("exit {code}: {}", tail(&m.stderr(), 3)));
+            t.reloads += 1;
+            true
+        }
+    };
+    *m = start(proxy, dst, reload);
+}
+
+fn checkpoint(plan: &Plan, src: &Etcd, dst: &Etcd, m: &mut Mirror, proxy: &Proxy, t: &mut Tally) {
+    plan.paused.store(true, Ordering::SeqCst);
+    wait_until(Duration::from_secs(30), "the writer to pause", || {
+        plan.idle.load(Ordering::SeqCst)
+    });
+    // TTL keys still expire while paused: wait until the source settles.
+    std::thread::sleep(Duration::from_secs(4));
+    let head = src.current_index();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Some(code) = m.exited() {
+            restart_after_exit(code, m, proxy, dst, t);
+        }
+        let stored = replication_index(dst, "/replica").unwrap_or(0);
+        let equal = rel_tree(src, "/s") == rel_tree(dst, "/replica/s");
+        if stored >= head && equal {
+            break;
+        }
+        if Instant::now() > deadline {
+            let diff = tree_diff(&rel_tree(src, "/s"), &rel_tree(dst, "/replica/s"));
+            t.lost.push(format!(
+                "checkpoint {}: index {stored} < {head} or trees differ: {diff}",
+                t.checkpoints
+            ));
+            // Repair so that later checkpoints test something.
+            m.kill();
+            t.reloads += 1;
+            *m = start(proxy, dst, true);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    t.checkpoints += 1;
+    plan.paused.store(false, Ordering::SeqCst);
+}
+
+fn main() {
+    if std::env::var_os("ETCDMIRROR_SOAK").is_none() {
+        println!("soak: skipped (run `make soak`, or set ETCDMIRROR_SOAK=1)");
+        return;
+    }
+    let secs: u64 = std::env::var("ETCDMIRROR_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(900);
+    let mut src = Etcd::start("soak-src");
+    let mut dst = Etcd::start("soak-dst");
+    let upstream = format!("127.0.0.1:{}", src.client_port).parse().unwrap();
+    let proxy = Proxy::start(upstream, Duration::from_millis(5));
+    let plan = Arc::new(Plan {
+        rate: AtomicU64::new(0),
+        inside: AtomicU64::new(50),
+        paused: AtomicBool::new(false),
+        idle: AtomicBool::new(true),
+        stop: AtomicBool::new(false),
+        writes: AtomicU64::new(0),
+    });
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let (url, plan) = (src.url.clone(), plan.clone());
+            std::thread::spawn(move || writer(url, plan, 7 + w))
+        })
+        .collect();
+    src.set("/s/seed", "1");
+    let mut m = start(&proxy, &dst, true);
+    m.wait_log(Duration::from_secs(30), "Starting replication at");
+
+    let phases = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut t = Tally::default();
+    let mut rng = Rng::new(42);
+    let t0 = Instant::now();
+    let mut next_checkpoint = t0 + Duration::from_secs(60);
+    while t0.elapsed() < Duration::from_secs(secs) {
+        // A burst of 1-20 s or a silence of 1-120 s, under a changing network.
+        let burst = rng.chance(55);
+        let len = if burst {
+            1 + rng.below(20)
+        } else if rng.chance(25) {
+            60 + rng.below(61)
+        } else {
+            1 + rng.below(30)
+        };
+        let rate = if burst { 10 + rng.below(400) } else { 0 };
+        plan.rate.store(rate, Ordering::SeqCst);
+        plan.inside.store(rng.below(101), Ordering::SeqCst);
+        let faults = Faults {
+            delay_up: Duration::from_millis(rng.below(40)),
+            delay_down: Duration::from_millis(rng.below(40)),
+            jitter: Duration::from_millis(rng.below(20)),
+            hold_body: rng
+                .chance(15)
+                .then(|| Duration::from_millis(100 + rng.below(3000))),
+            ..Faults::default()
+        };
+        phases.lock().unwrap().push(format!(
+            "{:>5}s {} {len}s rate {rate}/s {faults:?}",
+            t0.elapsed().as_secs(),
+            if burst { "burst" } else { "silence" }
+        ));
+        proxy.set(faults);
+        let end = Instant::now() + Duration::from_secs(len);
+        while Instant::now() < end && t0.elapsed() < Duration::from_secs(secs) {
+            if let Some(code) = m.exited() {
+                restart_after_exit(code, &mut m, &proxy, &dst, &mut t);
+            }
+            match rng.below(1000) {
+                0..=7 => {
+                    m.kill();
+                    t.kills += 1;
+                    std::thread::sleep(Duration::from_millis(rng.below(3000)));
+                    m = start(&proxy, &dst, false);
+                }
+                8 => {
+                    src.restart();
+                    t.src_restarts += 1;
+                }
+                9 => {
+                    dst.restart();
+                    t.dst_restarts += 1;
+                }
+                _ => {}
+            }
+            if Instant::now() >= next_checkpoint {
+                checkpoint(&plan, &src, &dst, &mut m, &proxy, &mut t);
+                next_checkpoint = Instant::now() + Duration::from_secs(60 + rng.below(60));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    proxy.set(Faults::default());
+    checkpoint(&plan, &src, &dst, &mut m, &proxy, &mut t);
+    plan.stop.store(true, Ordering::SeqCst);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let summary = format!(
+        "soak: {} s, {} source writes, {} checkpoints, {} lost-event checkpoints, \
+         {} SIGKILLs, {} source and {} destination etcd restarts, mirror exits by code {:?}, \
+         {} reloads, {} exits outside the expected codes",
+        t0.elapsed().as_secs(),
+        plan.writes.load(Ordering::SeqCst),
+        t.checkpoints,
+        t.lost.len(),
+        t.kills,
+        t.src_restarts,
+        t.dst_restarts,
+        t.exits,
+        t.reloads,
+        t.bad_exits.len()
+    );
+    println!("{summary}");
+    for l in t.lost.iter().chain(t.bad_exits.iter()) {
+        println!("  {l}");
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/soak");
+    let _ = std::fs::create_dir_all(&dir);
+    let phases = phases.lock().unwrap().join("\n");
+    let _ = std::fs::write(dir.join("summary.txt"), format!("{summary}\n{phases}\n"));
+    assert!(
+        t.lost.is_empty() && t.bad_exits.is_empty(),
+        "the soak found lost events or unexpected exits"
+    );
+}
