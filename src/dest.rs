@@ -66,6 +66,17 @@ pub fn exec(dst: &Client, op: &Op) -> Result<(Outcome, bool)> {
             return Ok((outcome, false));
         }
         Op::ClearSubtree { key } => return clear_subtree(dst, key).map(|r| (Outcome::Done, r)),
+        Op::EnsureDir { key } => {
+            let (w, retried) = dst.put(key, None, &Cond::Absent)?;
+            let outcome = match w {
+                Written::Done => Outcome::Done,
+                Written::Rejected { .. } => match read_state(dst, key)?.0 {
+                    State::Dir => Outcome::Done,
+                    found => Outcome::Mismatch(found),
+                },
+            };
+            return Ok((outcome, retried));
+        }
         Op::Put { key, value, expect } => match condition(dst, key, expect)? {
             Ok(cond) => (key, dst.put(key, value.as_deref(), &cond)?),
             Err(found) => return Ok((Outcome::Mismatch(found), false)),

@@ -7,6 +7,8 @@ pub const REPLICATION_DIR: &str = "/__replication";
 
 /// Why a key outside the source prefix is not mirrored (the root watch sees every key).
 pub const OUTSIDE: &str = "outside the source prefix";
+/// Why a key under `/__replication` is not mirrored.
+pub const REPLICATION_STATE: &str = "replication state of the source";
 
 /// What to do with a source key.
 #[derive(Debug, PartialEq, Eq)]
@@ -99,7 +101,7 @@ impl KeyMap {
             return Route::Subtree;
         }
         if below(key, REPLICATION_DIR).is_some() {
-            return Route::Skip("replication state of the source");
+            return Route::Skip(REPLICATION_STATE);
         }
         if rest.split('/').any(|seg| seg.starts_with('_')) {
             return Route::Skip("hidden key");
@@ -108,6 +110,26 @@ impl KeyMap {
             return Route::Skip("matches --src-ignore-keys-regex");
         }
         Route::Mirror(self.map_below(rest))
+    }
+
+    /// For a key that is not mirrored itself (hidden or ignored), the destination key of
+    /// its nearest mirrored ancestor directory: writing the key created that directory on
+    /// the source, so the replica must have it too. `None` when that is the root.
+    pub fn mirrored_parent(&self, key: &str) -> Option<String> {
+        let mut parent = key;
+        while let Some((up, _)) = parent.rsplit_once('/') {
+            parent = if up.is_empty() { "/" } else { up };
+            match self.route(parent) {
+                Route::Mirror(dst) => return Some(dst),
+                Route::Subtree => {
+                    let root = self.dst_root();
+                    return (root != "/").then_some(root);
+                }
+                Route::Skip(_) if parent == "/" => return None,
+                Route::Skip(_) => {}
+            }
+        }
+        None
     }
 
     /// True when, on one cluster, the mirror's writes would land in the subtree it watches.
@@ -217,6 +239,30 @@ mod tests {
             m.route("/a/spicerack/locks/etcd"),
             mirror("/a/spicerack/locks/etcd")
         );
+    }
+
+    #[test]
+    fn the_nearest_mirrored_directory_above_a_skipped_key() {
+        let m = map("/s", "/replica", false, Some(".*/leaf"));
+        assert_eq!(
+            m.mirrored_parent("/s/a/b/_lock").as_deref(),
+            Some("/replica/s/a/b")
+        );
+        assert_eq!(
+            m.mirrored_parent("/s/a/_x/_y/z").as_deref(),
+            Some("/replica/s/a")
+        );
+        assert_eq!(m.mirrored_parent("/s/_lock").as_deref(), Some("/replica/s"));
+        assert_eq!(
+            m.mirrored_parent("/s/d/leaf").as_deref(),
+            Some("/replica/s/d")
+        );
+        let m = map("/s", "/", true, None);
+        assert_eq!(m.mirrored_parent("/s/_lock"), None);
+        assert_eq!(m.mirrored_parent("/s/a/_lock").as_deref(), Some("/a"));
+        let m = map("/", "/", false, None);
+        assert_eq!(m.mirrored_parent("/_hidden"), None);
+        assert_eq!(m.mirrored_parent("/a/_h").as_deref(), Some("/a"));
     }
 
     #[test]

@@ -6,13 +6,13 @@ use std::time::Instant;
 use log::{debug, info};
 
 use crate::cli::Config;
-use crate::dest::{exec, read_index, read_state, Outcome};
+use crate::dest::{exec, read_index, Outcome};
 use crate::error::{Error, Result};
 use crate::etcd::{Client, Cond, Event, Written};
-use crate::keys::{KeyMap, Route};
+use crate::keys::{KeyMap, Route, OUTSIDE, REPLICATION_STATE};
 use crate::metrics;
 use crate::pace::Recorder;
-use crate::plan::{plan_event, plan_subtree_event, State};
+use crate::plan::{plan_event, plan_parent, plan_subtree_event, resume_at};
 use crate::watch::{Arrival, Watch};
 
 /// The running mirror: everything it knows is the index, the rest lives in the clusters.
@@ -86,11 +86,18 @@ impl<'a> Mirror<'a> {
                     "Skipping key {src_key} at index {idx} ({}): {why}",
                     ev.action
                 );
-                self.index = idx.max(self.index);
-                if why != crate::keys::OUTSIDE {
+                if why != OUTSIDE && why != REPLICATION_STATE {
                     metrics::update(|s| s.ignored_events = s.ignored_events.saturating_add(1));
                 }
-                return self.record(false);
+                // A hidden or ignored write created its directories on the source.
+                let parent = (why != OUTSIDE && why != REPLICATION_STATE && writes(&ev))
+                    .then(|| self.keys.mirrored_parent(&src_key))
+                    .flatten();
+                let Some(dir) = parent else {
+                    self.index = idx.max(self.index);
+                    return self.record(false);
+                };
+                (plan_parent(&dir), dir)
             }
             Route::Subtree => {
                 let root = self.keys.dst_root();
@@ -102,37 +109,48 @@ impl<'a> Mirror<'a> {
                     source: why,
                     destination: "nothing written".into(),
                 })?;
+                info!(
+                    "Replicating key {src_key} at index {idx} ({} -> {dst})",
+                    ev.action
+                );
                 (plan, dst)
             }
         };
-        info!(
-            "Replicating key {src_key} at index {idx} ({} -> {dst_key})",
-            ev.action
-        );
         let started = Instant::now();
         let mut retried = false;
-        for op in &plan.ops {
+        let mut at = 0;
+        while let Some(op) = plan.ops.get(at) {
             let (outcome, r) = exec(self.dst, op)?;
             retried |= r;
-            if let Outcome::Mismatch(found) = outcome {
-                if (self.first || retried) && read_state(self.dst, &dst_key)?.0 == plan.post {
-                    info!("{dst_key} already holds the result of index {idx}; accepting it");
-                    break;
-                }
-                self.ensure_sole_writer()?;
-                let pre = State::of(ev.prev.as_ref());
-                return Err(Error::Inconsistency {
-                    key: format!(
-                        "{dst_key} (source key {src_key}, {} at index {idx})",
-                        ev.action
-                    ),
-                    source: pre.describe(),
-                    destination: found.describe(),
-                });
+            let Outcome::Mismatch(found) = outcome else {
+                at += 1;
+                continue;
+            };
+            // A crash (or a lost response) may have left any state this plan passes through.
+            if let Some(next) = (self.first || retried)
+                .then(|| resume_at(&plan, at, &found))
+                .flatten()
+            {
+                info!(
+                    "{dst_key} already holds {} (a step of index {idx}); going on from there",
+                    found.describe()
+                );
+                at = next;
+                continue;
             }
+            self.ensure_sole_writer()?;
+            let pre = op.pre().unwrap_or(&plan.post);
+            return Err(Error::Inconsistency {
+                key: format!(
+                    "{dst_key} (source key {src_key}, {} at index {idx})",
+                    ev.action
+                ),
+                source: pre.describe(),
+                destination: found.describe(),
+            });
         }
         self.first = false;
-        self.index = idx;
+        self.index = idx.max(self.index);
         self.record(true)?;
         metrics::update(|s| {
             s.observe_write(started.elapsed());
@@ -185,4 +203,12 @@ impl<'a> Mirror<'a> {
         });
         Ok(())
     }
+}
+
+/// True for the actions that write a key (and so create its missing directories).
+fn writes(ev: &Event) -> bool {
+    matches!(
+        ev.action.as_str(),
+        "set" | "create" | "update" | "compareAndSwap"
+    )
 }

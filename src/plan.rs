@@ -50,6 +50,20 @@ pub enum Op {
     Check { key: String, expect: State },
     /// The mirrored subtree rooted here is gone on the source: remove it entirely.
     ClearSubtree { key: String },
+    /// The directory must exist (a hidden or ignored key was written below it).
+    EnsureDir { key: String },
+}
+
+impl Op {
+    /// The state of the key this operation asserts before it runs, if it asserts one.
+    pub fn pre(&self) -> Option<&State> {
+        match self {
+            Op::Put { expect, .. } | Op::Delete { expect, .. } | Op::Check { expect, .. } => {
+                Some(expect)
+            }
+            Op::ClearSubtree { .. } | Op::EnsureDir { .. } => None,
+        }
+    }
 }
 
 /// The operations for one event and the destination state they lead to.
@@ -115,6 +129,30 @@ pub fn plan_event(ev: &Event, dst: &str) -> Result<Plan, String> {
         }
         other => Err(format!("unknown action {other:?}")),
     }
+}
+
+/// Plan a skipped (hidden or ignored) write: its nearest mirrored directory must exist.
+pub fn plan_parent(dst_dir: &str) -> Plan {
+    Plan {
+        ops: vec![Op::EnsureDir {
+            key: dst_dir.to_string(),
+        }],
+        post: State::Dir,
+    }
+}
+
+/// Where to go on after op `at` of `plan` found `found` instead of its pre-state, when the
+/// plan may already have been partly applied (the first event after a restart, or a write
+/// retried after a lost response): the index of the op whose pre-state `found` is, or
+/// `ops.len()` when `found` is the plan's end state. `None`: no state of this plan.
+pub fn resume_at(plan: &Plan, at: usize, found: &State) -> Option<usize> {
+    let later = plan.ops.iter().enumerate().skip(at.saturating_add(1));
+    for (i, op) in later {
+        if op.pre() == Some(found) {
+            return Some(i);
+        }
+    }
+    (*found == plan.post).then_some(plan.ops.len())
 }
 
 /// Plan an event on the source prefix's parent (a recursive delete or expiry above it).
@@ -251,6 +289,23 @@ mod tests {
         assert!(plan_subtree_event(&ev("set", None, None), "/r/p")
             .ops
             .is_empty());
+    }
+
+    #[test]
+    fn every_intermediate_state_of_a_type_change_is_recognised() {
+        let p = plan_event(&ev("set", None, Some(Some("v"))), "/r/a").unwrap();
+        // Killed between the delete and the create: the key is absent.
+        assert_eq!(resume_at(&p, 0, &State::Absent), Some(1));
+        assert_eq!(resume_at(&p, 0, &State::Dir), Some(2));
+        assert_eq!(resume_at(&p, 0, &State::Value("w".into())), None);
+        assert_eq!(resume_at(&p, 1, &State::Dir), Some(2));
+        let p = plan_event(&ev("set", Some("v"), Some(None)), "/r/a").unwrap();
+        assert_eq!(resume_at(&p, 0, &State::Absent), Some(1));
+        assert_eq!(resume_at(&p, 0, &State::Value("v".into())), Some(2));
+        let p = plan_event(&ev("set", Some("new"), Some(Some("old"))), "/r/a").unwrap();
+        assert_eq!(resume_at(&p, 0, &State::Value("new".into())), Some(1));
+        assert_eq!(resume_at(&p, 0, &State::Absent), None);
+        assert_eq!(plan_parent("/r/d").post, State::Dir);
     }
 
     #[test]

@@ -38,6 +38,16 @@ pub enum Arrival {
     Quiet(u64),
 }
 
+/// What the history held between the index and a live event that arrived after a gap.
+enum Gap {
+    /// A write the live watch did not deliver (a hidden key), to apply first.
+    Hidden(Event),
+    /// Nothing but TTL refreshes: the live event is next.
+    Closed,
+    /// The watch broke and is opened again from the index.
+    Broken,
+}
+
 /// One open watch response and what it has shown so far.
 struct Open {
     stream: Stream,
@@ -63,6 +73,10 @@ pub struct Watch<'a> {
     /// The last event came from the history: catch up with keep-alive long polls, since
     /// etcd sends nothing after a history event on a stream.
     behind: bool,
+    /// A live event that arrived after a gap in the index: the writes in between are
+    /// invisible to a live watch (hidden keys, TTL refreshes) but not to the history, which
+    /// is read first, so that a hidden write's directories are created in order.
+    pending: Option<Event>,
     broken: Option<Backoff>,
 }
 
@@ -101,6 +115,7 @@ impl<'a> Watch<'a> {
             retry_timeout,
             open: None,
             behind: false,
+            pending: None,
             broken: None,
         }
     }
@@ -108,6 +123,19 @@ impl<'a> Watch<'a> {
     /// The next arrival after `index`, every source event up to which has been applied.
     pub fn next(&mut self, index: u64) -> Result<Arrival> {
         loop {
+            if let Some(live) = self.pending.take() {
+                if live.node.modified_index <= index.saturating_add(1) {
+                    return Ok(Arrival::Event(live));
+                }
+                match self.fill_gap(index, &live)? {
+                    Gap::Hidden(ev) => {
+                        self.pending = Some(live);
+                        return Ok(Arrival::Event(ev));
+                    }
+                    Gap::Closed => return Ok(Arrival::Event(live)),
+                    Gap::Broken => continue,
+                }
+            }
             let mut open = match self.open.take() {
                 Some(open) => open,
                 None => self.open(index)?,
@@ -131,6 +159,10 @@ impl<'a> Watch<'a> {
                     if open.streamed && !replayed {
                         open.last = Some(idx);
                         self.open = Some(open);
+                        if idx > index.saturating_add(1) {
+                            self.pending = Some(ev);
+                            continue;
+                        }
                     } else if !open.streamed {
                         open.stream.finish();
                     }
@@ -152,6 +184,48 @@ impl<'a> Watch<'a> {
                 Err(why) => self.broke(why)?,
             }
         }
+    }
+
+    /// Read the history between `index` and the live event `live`, which arrived after a
+    /// gap: one long poll per hidden write in it (a TTL refresh is in no answer at all).
+    fn fill_gap(&mut self, index: u64, live: &Event) -> Result<Gap> {
+        let from = index.saturating_add(1);
+        let target = live.node.modified_index;
+        let mut poll = match self.src.watch(&self.key, from, self.hold, false)? {
+            Opened::Stream(poll) => poll,
+            Opened::Cleared(msg) => {
+                return Err(Error::IndexCleared(format!(
+                    "history from index {from} on {}: {msg}",
+                    self.src.name()
+                )))
+            }
+            Opened::Refused { code, message } => {
+                self.broke(format!("history read refused: {code} {message}"))?;
+                return Ok(Gap::Broken);
+            }
+        };
+        let why = match poll.next() {
+            Ok(Next::Event(ev)) => match implausible(&ev, from, None, &self.key) {
+                Some(why) => why,
+                None if ev.node.modified_index < target => {
+                    debug!(
+                        "index {} was invisible to the live watch ({})",
+                        ev.node.modified_index, ev.node.key
+                    );
+                    poll.finish();
+                    return Ok(Gap::Hidden(ev));
+                }
+                None if ev.node.modified_index == target => {
+                    poll.finish();
+                    return Ok(Gap::Closed);
+                }
+                None => format!("the history skipped index {target}, which arrived live",),
+            },
+            Ok(_) => format!("no history answer up to index {target}, which arrived live"),
+            Err(why) => why,
+        };
+        self.broke(why)?;
+        Ok(Gap::Broken)
     }
 
     /// Open a watch from `index + 1`, after checking the index against the source's.
@@ -215,6 +289,7 @@ impl<'a> Watch<'a> {
     /// A watch broke (reset, garbage, an impossible answer): retry within the budget.
     fn broke(&mut self, why: String) -> Result<()> {
         self.open = None;
+        self.pending = None;
         self.behind = false;
         let backoff = self
             .broken
