@@ -38,11 +38,52 @@ pub struct Diff {
     pub deletes: Vec<(String, Entry, u64)>,
 }
 
+/// One destination write of a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step<'a> {
+    /// Create a key that must be absent (`prevExist=false`).
+    Create(&'a str, &'a Entry),
+    /// Overwrite a value whose modifiedIndex must still be the one listed.
+    Update(&'a str, &'a Entry, u64),
+    /// Delete a value (under its modifiedIndex) or an empty directory (non-recursively).
+    Delete(&'a str, &'a Entry, u64),
+}
+
 impl Diff {
     /// True when the plan deletes more than half of the destination's `existing` keys.
     pub fn deletes_too_much(&self, existing: usize) -> bool {
-        let removed = self.deletes.len() + self.replaces.len();
-        existing > 0 && removed * 2 > existing
+        let removed = self.deletes.len().saturating_add(self.replaces.len());
+        existing > 0 && removed.saturating_mul(2) > existing
+    }
+
+    /// The writes in the order `reload` performs them. On a destination that holds exactly
+    /// the listed keys, each step's condition holds when it runs and the result is `want`:
+    /// a value becoming a directory goes first, since keys are created below it; creates
+    /// go parents first; a directory becoming a value goes last, once the deletes (children
+    /// first) have emptied it. New keys appear before old ones go.
+    pub fn steps(&self) -> Vec<Step<'_>> {
+        fn replace((key, old, new, mi): &(String, Entry, Entry, u64)) -> [Step<'_>; 2] {
+            [Step::Delete(key, old, *mi), Step::Create(key, new)]
+        }
+        let (to_dirs, to_values): (Vec<_>, Vec<_>) = self
+            .replaces
+            .iter()
+            .partition(|(_, _, new, _)| *new == Entry::Dir);
+        let mut steps = Vec::new();
+        steps.extend(to_dirs.into_iter().flat_map(replace));
+        steps.extend(self.creates.iter().map(|(k, e)| Step::Create(k, e)));
+        steps.extend(
+            self.updates
+                .iter()
+                .map(|(k, e, mi)| Step::Update(k, e, *mi)),
+        );
+        steps.extend(
+            self.deletes
+                .iter()
+                .map(|(k, e, mi)| Step::Delete(k, e, *mi)),
+        );
+        steps.extend(to_values.into_iter().flat_map(replace));
+        steps
     }
 
     pub fn summary(&self) -> String {
@@ -56,8 +97,8 @@ impl Diff {
     }
 }
 
-/// Compare the wanted tree with the destination's. Creates come parents first, deletes
-/// children first.
+/// Compare the wanted tree with the destination's. Each list is in key order, so creates
+/// come parents first; deletes come children first. `Diff::steps` orders the writes.
 pub fn diff(want: &BTreeMap<String, Entry>, have: &BTreeMap<String, (Entry, u64)>) -> Diff {
     let mut d = Diff::default();
     for (key, entry) in want {
@@ -188,7 +229,7 @@ pub fn reload(cfg: &Config, src: &Client, dst: &Client) -> Result<Option<u64>> {
         if d.deletes_too_much(have.len()) {
             return Err(refused(format!(
                 "the plan deletes {} of the {} keys under {dst_root} on the destination (more than half)",
-                d.deletes.len() + d.replaces.len(),
+                d.deletes.len().saturating_add(d.replaces.len()),
                 have.len()
             )));
         }
@@ -206,18 +247,12 @@ pub fn reload(cfg: &Config, src: &Client, dst: &Client) -> Result<Option<u64>> {
             dst.delete(&index_key, false, false, &Cond::Index(mi))?,
         )?;
     }
-    for (key, entry) in &d.creates {
-        write_entry(dst, key, entry, &Cond::Absent)?;
-    }
-    for (key, entry, mi) in &d.updates {
-        write_entry(dst, key, entry, &Cond::Index(*mi))?;
-    }
-    for (key, old, new, mi) in &d.replaces {
-        delete_entry(dst, key, old, *mi)?;
-        write_entry(dst, key, new, &Cond::Absent)?;
-    }
-    for (key, entry, mi) in &d.deletes {
-        delete_entry(dst, key, entry, *mi)?;
+    for step in d.steps() {
+        match step {
+            Step::Create(key, entry) => write_entry(dst, key, entry, &Cond::Absent)?,
+            Step::Update(key, entry, mi) => write_entry(dst, key, entry, &Cond::Index(mi))?,
+            Step::Delete(key, entry, mi) => delete_entry(dst, key, entry, mi)?,
+        }
     }
     write_entry(
         dst,
