@@ -219,12 +219,15 @@ fn system_roots() -> RootCerts {
 
 fn split_host_port(hostport: &str) -> Result<(&str, Option<&str>), String> {
     if let Some(v6) = hostport.strip_prefix('[') {
-        let (addr, after) = v6.split_once(']').ok_or("unclosed [ in the host")?;
+        let (_, after) = v6.split_once(']').ok_or("unclosed [ in the host")?;
         let port = match after {
             "" => None,
             p => Some(p.strip_prefix(':').ok_or("garbage after ]")?),
         };
-        return Ok((&hostport[..addr.len() + 2], port));
+        let host = hostport
+            .strip_suffix(after)
+            .ok_or("unclosed [ in the host")?;
+        return Ok((host, port));
     }
     Ok(match hostport.split_once(':') {
         Some((h, p)) => (h, Some(p)),
@@ -233,19 +236,21 @@ fn split_host_port(hostport: &str) -> Result<(&str, Option<&str>), String> {
 }
 
 fn percent_decode(s: &str) -> Result<String, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .ok_or("bad %-escape in the credentials")?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| "bad %-escape in the credentials")?);
-            i += 3;
+    const BAD: &str = "bad %-escape in the credentials";
+    let mut out = Vec::with_capacity(s.len());
+    let mut rest = s.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        rest = tail;
+        if b == b'%' {
+            let (hex, tail) = rest.split_at_checked(2).ok_or(BAD)?;
+            rest = tail;
+            let hex = std::str::from_utf8(hex).map_err(|_| BAD)?;
+            if !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return Err(BAD.into());
+            }
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| BAD)?);
         } else {
-            out.push(bytes[i]);
-            i += 1;
+            out.push(b);
         }
     }
     String::from_utf8(out).map_err(|_| "credentials are not UTF-8".into())
@@ -253,17 +258,16 @@ fn percent_decode(s: &str) -> Result<String, String> {
 
 fn base64(input: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    let mut out = String::with_capacity(input.len().div_ceil(3).saturating_mul(4));
     for chunk in input.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &b)| n | (b as u32) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
+        let byte = |i: usize| chunk.get(i).copied().map_or(0, u32::from);
+        let n = byte(0) << 16 | byte(1) << 8 | byte(2);
+        // A chunk of k bytes gives k + 1 digits, then '=' padding.
+        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
+            let digit = ALPHABET.get((n >> shift & 63) as usize).copied();
+            match digit {
+                Some(c) if i <= chunk.len() => out.push(char::from(c)),
+                _ => out.push('='),
             }
         }
     }

@@ -4,14 +4,36 @@
 
 use crate::etcd::Node;
 
+/// How deeply objects and arrays may nest: about 250 key levels, far more than any real
+/// tree, and few enough that the recursion stays well inside a thread's stack.
+const MAX_DEPTH: usize = 512;
+
 struct Scanner<'a> {
     b: &'a [u8],
     i: usize,
+    /// Objects and arrays open at `i`.
+    depth: usize,
 }
 
 type Parsed<T> = Result<T, String>;
 
 impl Scanner<'_> {
+    /// Step into an object or array (the caller has consumed its opening byte).
+    fn enter(&mut self) -> Parsed<()> {
+        self.depth = self.depth.saturating_add(1);
+        if self.depth > MAX_DEPTH {
+            return Err(format!(
+                "nested more than {MAX_DEPTH} deep at byte {}",
+                self.i
+            ));
+        }
+        Ok(())
+    }
+
+    fn leave(&mut self) {
+        self.depth = self.depth.saturating_sub(1);
+    }
+
     fn ws(&mut self) {
         while self.b.get(self.i).is_some_and(u8::is_ascii_whitespace) {
             self.i += 1;
@@ -34,15 +56,16 @@ impl Scanner<'_> {
 
     /// The raw bytes of the string starting here, quotes included.
     fn raw_string(&mut self) -> Parsed<&[u8]> {
+        self.ws();
+        let start = self.i;
         self.expect(b'"')?;
-        let start = self.i - 1;
         loop {
             match self.b.get(self.i) {
                 None => return Err("unterminated string".into()),
-                Some(b'\\') => self.i += 2,
+                Some(b'\\') => self.i = self.i.saturating_add(2),
                 Some(b'"') => {
                     self.i += 1;
-                    return Ok(&self.b[start..self.i]);
+                    return self.b.get(start..self.i).ok_or_else(|| "bad string".into());
                 }
                 Some(_) => self.i += 1,
             }
@@ -64,10 +87,10 @@ impl Scanner<'_> {
         {
             self.i += 1;
         }
-        if start == self.i {
-            return Err(format!("unexpected byte at {start}"));
+        match self.b.get(start..self.i) {
+            Some(raw) if !raw.is_empty() => Ok(raw),
+            _ => Err(format!("unexpected byte at {start}")),
         }
-        Ok(&self.b[start..self.i])
     }
 
     /// Walk over any JSON value.
@@ -76,9 +99,11 @@ impl Scanner<'_> {
             Some(b'"') => self.raw_string().map(drop),
             Some(open @ (b'{' | b'[')) => {
                 self.i += 1;
+                self.enter()?;
                 let close = if open == b'{' { b'}' } else { b']' };
                 if self.peek() == Some(close) {
                     self.i += 1;
+                    self.leave();
                     return Ok(());
                 }
                 loop {
@@ -91,6 +116,7 @@ impl Scanner<'_> {
                         Some(b',') => self.i += 1,
                         Some(c) if c == close => {
                             self.i += 1;
+                            self.leave();
                             return Ok(());
                         }
                         _ => return Err(format!("bad container at byte {}", self.i)),
@@ -104,8 +130,10 @@ impl Scanner<'_> {
     /// Call `field` for each member of an object.
     fn object(&mut self, mut field: impl FnMut(&mut Self, String) -> Parsed<()>) -> Parsed<()> {
         self.expect(b'{')?;
+        self.enter()?;
         if self.peek() == Some(b'}') {
             self.i += 1;
+            self.leave();
             return Ok(());
         }
         loop {
@@ -116,6 +144,7 @@ impl Scanner<'_> {
                 Some(b',') => self.i += 1,
                 Some(b'}') => {
                     self.i += 1;
+                    self.leave();
                     return Ok(());
                 }
                 _ => return Err(format!("bad object at byte {}", self.i)),
@@ -145,8 +174,10 @@ impl Scanner<'_> {
                 }
                 "nodes" if s.peek() == Some(b'[') => {
                     s.i += 1;
+                    s.enter()?;
                     if s.peek() == Some(b']') {
                         s.i += 1;
+                        s.leave();
                         return Ok(());
                     }
                     loop {
@@ -155,6 +186,7 @@ impl Scanner<'_> {
                             Some(b',') => s.i += 1,
                             Some(b']') => {
                                 s.i += 1;
+                                s.leave();
                                 return Ok(());
                             }
                             _ => return Err(format!("bad nodes array at byte {}", s.i)),
@@ -176,7 +208,11 @@ impl Scanner<'_> {
 
 /// The `node` of a GET response body.
 pub fn parse_get(body: &[u8]) -> Result<Node, String> {
-    let mut s = Scanner { b: body, i: 0 };
+    let mut s = Scanner {
+        b: body,
+        i: 0,
+        depth: 0,
+    };
     let mut node = None;
     s.object(|s, name| {
         if name == "node" {

@@ -49,19 +49,19 @@ impl Stats {
     /// Count one destination write that took `d`.
     pub fn observe_write(&mut self, d: Duration) {
         let s = d.as_secs_f64();
-        for (i, &le) in BUCKETS.iter().enumerate() {
+        for (count, &le) in self.write_buckets.iter_mut().zip(&BUCKETS) {
             if s <= le {
-                self.write_buckets[i] += 1;
+                *count = count.saturating_add(1);
             }
         }
         self.write_sum += s;
-        self.write_count += 1;
+        self.write_count = self.write_count.saturating_add(1);
     }
 
     /// Count one reload that took `d`.
     pub fn observe_load(&mut self, d: Duration) {
         self.load_sum += d.as_secs_f64();
-        self.load_count += 1;
+        self.load_count = self.load_count.saturating_add(1);
     }
 
     pub fn lag(&self) -> u64 {
@@ -164,7 +164,7 @@ pub fn render(s: &Stats, now: Instant) -> String {
     );
     let since = s
         .last_watch
-        .map_or(-1.0, |t| now.duration_since(t).as_secs_f64());
+        .map_or(-1.0, |t| now.saturating_duration_since(t).as_secs_f64());
     let _ = writeln!(o, "etcdmirror_seconds_since_last_watch {since:.3}");
     metric(
         &mut o,
