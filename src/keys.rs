@@ -302,7 +302,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(1024))]
+            #![proptest_config(ProptestConfig::with_cases(512))]
 
             #[test]
             fn normalized_prefixes_are_clean(raw in prop_oneof![raw_prefix(), any::<String>()]) {
