@@ -377,4 +377,79 @@ mod tests {
         assert_eq!(base64(b"foo"), "Zm9v");
         assert_eq!(base64(b"foobar"), "Zm9vYmFy");
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn unbase64(s: &str) -> Vec<u8> {
+            const ALPHABET: &[u8] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+            let digits: Vec<u32> = s
+                .bytes()
+                .filter(|&b| b != b'=')
+                .map(|b| ALPHABET.iter().position(|&a| a == b).unwrap() as u32)
+                .collect();
+            let mut out = Vec::new();
+            for chunk in digits.chunks(4) {
+                let n = chunk
+                    .iter()
+                    .chain(std::iter::repeat(&0))
+                    .take(4)
+                    .fold(0u32, |n, d| n << 6 | d);
+                out.extend(&n.to_be_bytes()[1..chunk.len()]);
+            }
+            out
+        }
+
+        fn percent_encode_all(s: &str) -> String {
+            s.bytes().map(|b| format!("%{b:02x}")).collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn base64_round_trips(bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
+                let e = base64(&bytes);
+                prop_assert_eq!(e.len(), bytes.len().div_ceil(3) * 4);
+                prop_assert_eq!(unbase64(&e), bytes);
+            }
+
+            #[test]
+            fn percent_decoding(s in any::<String>(), junk in any::<String>()) {
+                prop_assert_eq!(percent_decode(&percent_encode_all(&s)), Ok(s.clone()));
+                if !s.contains('%') {
+                    prop_assert_eq!(percent_decode(&s), Ok(s));
+                }
+                let _ = percent_decode(&junk);
+            }
+
+            /// Whatever the URL, no panic, and the password never shows in an error or
+            /// in the endpoint's Display and Debug.
+            #[test]
+            fn urls_never_leak_the_password(
+                raw in any::<String>(),
+                pw in "[^/?#]{1,12}",
+                host in prop_oneof![Just("h".to_string()), Just("[::1]".to_string()), "[^@/?#]{0,8}"],
+                port in prop_oneof![Just(String::new()), ":1".prop_map(String::from), ":[0-9a-z]{0,6}"],
+            ) {
+                let _ = Endpoint::parse(&raw);
+                let secret = format!("Zq{pw}");
+                let url = format!("http://u:{secret}@{host}{port}");
+                match Endpoint::parse(&url) {
+                    Ok(e) => {
+                        prop_assert!(e.password_in_url);
+                        let shown = format!("{e} {e:?}");
+                        prop_assert!(!shown.contains(&secret), "{}", shown);
+                        let header = e.auth_header().unwrap();
+                        let creds = unbase64(header.strip_prefix("Basic ").unwrap());
+                        let decoded = percent_decode(&secret).map(|p| format!("u:{p}"));
+                        prop_assert_eq!(Ok(String::from_utf8(creds).unwrap()), decoded);
+                    }
+                    Err(m) => prop_assert!(!m.contains(&secret), "{}", m),
+                }
+            }
+        }
+    }
 }
