@@ -112,14 +112,34 @@ where
     I: IntoIterator,
     I::Item: Into<OsString>,
 {
-    let raw = parse_raw(args).map_err(|e| Error::Usage(e.to_string()))?;
-    if raw.help {
-        return Ok(Command::Help);
+    let raw = parse_raw(args).map_err(|e| Error::Usage(e.to_string()));
+    let cmd = match raw {
+        Ok(raw) if raw.help => Ok(Command::Help),
+        Ok(raw) if raw.version => Ok(Command::Version),
+        Ok(raw) => validate(raw).map(|c| Command::Run(Box::new(c))),
+        Err(e) => Err(e),
+    };
+    cmd.map_err(|e| match e {
+        Error::Usage(m) => Error::Usage(one_line(m)),
+        other => other,
+    })
+}
+
+/// Messages repeat what was typed (paths, flags): escape control characters, so that each
+/// stays one line and cannot drive the terminal.
+fn one_line(m: String) -> String {
+    if !m.contains(char::is_control) {
+        return m;
     }
-    if raw.version {
-        return Ok(Command::Version);
-    }
-    validate(raw).map(|c| Command::Run(Box::new(c)))
+    m.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn parse_raw<I>(args: I) -> std::result::Result<RawArgs, lexopt::Error>
@@ -439,8 +459,343 @@ mod tests {
     }
 
     #[test]
+    fn messages_escape_what_was_typed() {
+        let m = usage_error(&["--ca-file", "/x\ny\u{1b}[2J", "https://a:1", "https://b:2"]);
+        assert!(m.contains("/x\\ny\\u{1b}[2J"), "{m}");
+        let m = usage_error(&["--a\nb", "http://a:1", "http://b:2"]);
+        assert!(m.contains("a\\nb"), "{m}");
+    }
+
+    #[test]
     fn url_errors_do_not_leak_passwords() {
         let m = usage_error(&["http://u:hunter2@a:x", "http://b:2"]);
         assert!(!m.contains("hunter2"), "{m}");
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+        use std::os::unix::ffi::OsStringExt;
+
+        const SWITCHES: [&str; 9] = [
+            "-d",
+            "--debug",
+            "-h",
+            "--help",
+            "--version",
+            "--strip",
+            "--reload",
+            "--dry-run",
+            "--force",
+        ];
+        const VALUED: [&str; 23] = [
+            "--src-prefix",
+            "--dst-prefix",
+            "--src-ignore-keys-regex",
+            "--watch-timeout",
+            "--retry-timeout",
+            "--port",
+            "--listen",
+            "--ca-file",
+            "--cert-file",
+            "--key-file",
+            "--src-ca-file",
+            "--src-cert-file",
+            "--src-key-file",
+            "--src-user",
+            "--src-password-file",
+            "--dst-ca-file",
+            "--dst-cert-file",
+            "--dst-key-file",
+            "--dst-user",
+            "--dst-password-file",
+            "--user",
+            "--password-file",
+            "--src-bogus",
+        ];
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "[/a-z_.:0-9\n\r\t -]{0,12}",
+                Just("/nonexistent/x.pem".to_string()),
+            ]
+        }
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                text(),
+                proptest::sample::select(vec![
+                    "/",
+                    "/a//b/",
+                    "a",
+                    "/__replication",
+                    "//__replication/x",
+                    "0",
+                    "5",
+                    "0.5",
+                    "-1",
+                    "1e6",
+                    "NaN",
+                    "inf",
+                    "70000",
+                    "::1",
+                    "[::1]",
+                    "0.0.0.0",
+                    "(",
+                    ".*",
+                    "http://a:1",
+                    "https://u:p@a:1",
+                    "http://u@a",
+                    "ftp://a",
+                    "http://a:x",
+                    "http://[::1",
+                    "http://a/b",
+                    "http://a\nb:1",
+                ])
+                .prop_map(String::from),
+            ]
+        }
+
+        fn non_utf8() -> impl Strategy<Value = OsString> {
+            (text(), proptest::collection::vec(0x80u8..=0xff, 1..3)).prop_map(|(t, bad)| {
+                let mut b = t.into_bytes();
+                b.extend(bad);
+                OsString::from_vec(b)
+            })
+        }
+
+        /// One command-line word, or a flag with its value in the next word.
+        fn word() -> impl Strategy<Value = Vec<OsString>> {
+            fn one(s: String) -> Vec<OsString> {
+                vec![OsString::from(s)]
+            }
+            prop_oneof![
+                3 => proptest::sample::select(SWITCHES.to_vec()).prop_map(|f| one(f.into())),
+                4 => (proptest::sample::select(VALUED.to_vec()), value())
+                    .prop_map(|(f, v)| vec![f.into(), v.into()]),
+                2 => (proptest::sample::select(VALUED.to_vec()), value())
+                    .prop_map(|(f, v)| one(format!("{f}={v}"))),
+                1 => (proptest::sample::select(VALUED.to_vec()), non_utf8())
+                    .prop_map(|(f, v)| vec![f.into(), v]),
+                1 => non_utf8().prop_map(|v| vec![v]),
+                2 => value().prop_map(one),
+                1 => "-[a-zA-Z-]{1,3}".prop_map(one),
+                1 => text().prop_map(|v| one(format!("--{v}"))),
+            ]
+        }
+
+        fn command_line() -> impl Strategy<Value = Vec<OsString>> {
+            proptest::collection::vec(word(), 0..8).prop_map(|w| w.into_iter().flatten().collect())
+        }
+
+        /// A command line that must be accepted, and what it asks for.
+        #[derive(Debug, Clone)]
+        struct Valid {
+            src_prefix: Option<String>,
+            dst_prefix: Option<String>,
+            strip: bool,
+            reload: bool,
+            dry_run: bool,
+            force: bool,
+            debug: bool,
+            ignore: Option<String>,
+            retry: Option<f64>,
+            watch: Option<f64>,
+            port: Option<u16>,
+            listen: Option<std::net::IpAddr>,
+            src: (String, u16),
+            dst: (String, u16),
+        }
+
+        fn prefix_arg() -> impl Strategy<Value = String> {
+            proptest::collection::vec(
+                prop_oneof![Just(String::new()), "[a-z_]{1,3}", "[^/\\x00]{1,3}"],
+                0..4,
+            )
+            .prop_map(|segs| format!("/{}", segs.join("/")))
+            .prop_filter("not the replication dir", |p| {
+                crate::keys::below(&normalize_prefix(p), crate::keys::REPLICATION_DIR).is_none()
+            })
+        }
+
+        fn host() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("127.0.0.1".to_string()),
+                Just("[::1]".to_string()),
+                "[a-z][a-z0-9.-]{0,8}",
+            ]
+        }
+
+        fn valid() -> impl Strategy<Value = Valid> {
+            let flags = (
+                proptest::option::of(prefix_arg()),
+                proptest::option::of(prefix_arg()),
+                any::<[bool; 5]>(),
+                proptest::option::of(proptest::sample::select(vec![
+                    "/a(/.*)?", ".*", "x|y", "[^/]*", "é+",
+                ])),
+            );
+            let numbers = (
+                proptest::option::of(0.001f64..999_999.0),
+                proptest::option::of(5.0f64..600.0),
+                proptest::option::of(any::<u16>()),
+                proptest::option::of(any::<std::net::IpAddr>()),
+            );
+            let ends = ((host(), any::<u16>()), (host(), any::<u16>()));
+            (flags, numbers, ends).prop_map(
+                |(
+                    (src_prefix, dst_prefix, b, ignore),
+                    (retry, watch, port, listen),
+                    (src, dst),
+                )| {
+                    Valid {
+                        src_prefix,
+                        dst_prefix,
+                        strip: b[0],
+                        reload: b[1],
+                        dry_run: b[1] && b[2],
+                        force: b[1] && b[3],
+                        debug: b[4],
+                        ignore: ignore.map(String::from),
+                        retry,
+                        watch,
+                        port,
+                        listen,
+                        src,
+                        dst,
+                    }
+                },
+            )
+        }
+
+        /// Its words, in an order and a flag syntax given by `seed`.
+        fn words(v: &Valid, seed: &[bool]) -> Vec<String> {
+            let mut groups: Vec<Vec<String>> = Vec::new();
+            let mut flag = |name: &str, value: Option<String>| {
+                if let Some(value) = value {
+                    groups.push(vec![name.to_string(), value]);
+                }
+            };
+            flag("--src-prefix", v.src_prefix.clone());
+            flag("--dst-prefix", v.dst_prefix.clone());
+            flag("--src-ignore-keys-regex", v.ignore.clone());
+            flag("--retry-timeout", v.retry.map(|f| f.to_string()));
+            flag("--watch-timeout", v.watch.map(|f| f.to_string()));
+            flag("--port", v.port.map(|p| p.to_string()));
+            flag("--listen", v.listen.map(|ip| ip.to_string()));
+            for (on, name) in [
+                (v.strip, "--strip"),
+                (v.reload, "--reload"),
+                (v.dry_run, "--dry-run"),
+                (v.force, "--force"),
+                (v.debug, "-d"),
+            ] {
+                if on {
+                    groups.push(vec![name.to_string()]);
+                }
+            }
+            let mut seed = seed.iter().copied().cycle();
+            // Positionals may stand anywhere between the flags, in their own order.
+            let mut at = |n: usize| (0..n).filter(|_| seed.next().unwrap_or(false)).count();
+            let url = |(h, p): &(String, u16)| vec![format!("http://{h}:{p}")];
+            let i = at(groups.len());
+            groups.insert(i, url(&v.src));
+            let j = i + 1 + at(groups.len() - i - 1);
+            groups.insert(j, url(&v.dst));
+            let mut out: Vec<String> = Vec::new();
+            for mut g in groups {
+                match g.as_slice() {
+                    [name, value] if at(1) == 1 => out.push(format!("{name}={value}")),
+                    _ => out.append(&mut g),
+                }
+            }
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn any_command_line_is_a_result_or_a_one_line_usage_error(args in command_line()) {
+                match parse(args.clone()) {
+                    Ok(_) => {}
+                    Err(Error::Usage(m)) => {
+                        prop_assert!(!m.contains(char::is_control), "{:?}", m);
+                        prop_assert!(!m.is_empty());
+                    }
+                    Err(e) => prop_assert!(false, "{:?} gave {:?} (exit {})", args, e, e.exit_code()),
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Random words slipped into a valid command line reach the later checks.
+            #[test]
+            fn damaged_valid_command_lines_fail_on_one_line(
+                v in valid(),
+                seed in proptest::collection::vec(any::<bool>(), 1..16),
+                extra in proptest::collection::vec((word(), any::<proptest::sample::Index>()), 1..4),
+                https in any::<(bool, bool)>(),
+            ) {
+                let mut args: Vec<OsString> = words(&v, &seed).into_iter().map(OsString::from).collect();
+                for a in &mut args {
+                    let s = a.to_string_lossy();
+                    if let Some(rest) = s.strip_prefix("http://").filter(|_| https.0) {
+                        *a = format!("https://u{}@{rest}", if https.1 { ":p" } else { "" }).into();
+                    }
+                }
+                for (w, at) in extra {
+                    let i = at.index(args.len() + 1);
+                    args.splice(i..i, w);
+                }
+                match parse(args.clone()) {
+                    Ok(_) => {}
+                    Err(Error::Usage(m)) => prop_assert!(!m.contains(char::is_control), "{:?}", m),
+                    Err(e) => prop_assert!(false, "{:?} gave {:?}", args, e),
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn valid_command_lines_give_their_config(v in valid(), seed in proptest::collection::vec(any::<bool>(), 1..16)) {
+                let args = words(&v, &seed);
+                let c = match parse(&args) {
+                    Ok(Command::Run(c)) => *c,
+                    other => return Err(TestCaseError::fail(format!("{args:?}: {other:?}"))),
+                };
+                let prefix = |p: &Option<String>, d: &str| normalize_prefix(p.as_deref().unwrap_or(d));
+                prop_assert_eq!(&c.keys.src_prefix, &prefix(&v.src_prefix, "/"));
+                prop_assert_eq!(&c.keys.dst_prefix, &prefix(&v.dst_prefix, "/replica"));
+                prop_assert_eq!(
+                    (c.keys.strip, c.reload, c.dry_run, c.force, c.debug),
+                    (v.strip, v.reload, v.dry_run, v.force, v.debug)
+                );
+                prop_assert_eq!(c.keys.ignore.map(|r| r.as_str().to_string()), v.ignore.map(|r| format!("^(?:{r})$")));
+                prop_assert_eq!(c.retry_timeout, Duration::from_secs_f64(v.retry.unwrap_or(60.0)));
+                if let Some(w) = v.watch {
+                    prop_assert_eq!(c.watch_timeout, Duration::from_secs_f64(w));
+                }
+                let ip = v.listen.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+                let port = v.port.unwrap_or(8000);
+                prop_assert_eq!(c.metrics, (port != 0).then(|| std::net::SocketAddr::new(ip, port)));
+                prop_assert_eq!(c.src.base, format!("http://{}:{}", v.src.0, v.src.1));
+                prop_assert_eq!(c.dst.base, format!("http://{}:{}", v.dst.0, v.dst.1));
+                // --help or --version wins over a valid command line.
+                let mut help = args.clone();
+                // (At either end: in between it could become a flag's value.)
+                let at = if seed.first() == Some(&true) { 0 } else { help.len() };
+                help.insert(at, "--help".into());
+                prop_assert!(matches!(parse(&help), Ok(Command::Help)));
+                let mut version = args;
+                version.push("--version".into());
+                prop_assert!(matches!(parse(&version), Ok(Command::Version)));
+            }
+        }
     }
 }

@@ -219,12 +219,15 @@ fn system_roots() -> RootCerts {
 
 fn split_host_port(hostport: &str) -> Result<(&str, Option<&str>), String> {
     if let Some(v6) = hostport.strip_prefix('[') {
-        let (addr, after) = v6.split_once(']').ok_or("unclosed [ in the host")?;
+        let (_, after) = v6.split_once(']').ok_or("unclosed [ in the host")?;
         let port = match after {
             "" => None,
             p => Some(p.strip_prefix(':').ok_or("garbage after ]")?),
         };
-        return Ok((&hostport[..addr.len() + 2], port));
+        let host = hostport
+            .strip_suffix(after)
+            .ok_or("unclosed [ in the host")?;
+        return Ok((host, port));
     }
     Ok(match hostport.split_once(':') {
         Some((h, p)) => (h, Some(p)),
@@ -233,19 +236,21 @@ fn split_host_port(hostport: &str) -> Result<(&str, Option<&str>), String> {
 }
 
 fn percent_decode(s: &str) -> Result<String, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .ok_or("bad %-escape in the credentials")?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| "bad %-escape in the credentials")?);
-            i += 3;
+    const BAD: &str = "bad %-escape in the credentials";
+    let mut out = Vec::with_capacity(s.len());
+    let mut rest = s.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        rest = tail;
+        if b == b'%' {
+            let (hex, tail) = rest.split_at_checked(2).ok_or(BAD)?;
+            rest = tail;
+            let hex = std::str::from_utf8(hex).map_err(|_| BAD)?;
+            if !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return Err(BAD.into());
+            }
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| BAD)?);
         } else {
-            out.push(bytes[i]);
-            i += 1;
+            out.push(b);
         }
     }
     String::from_utf8(out).map_err(|_| "credentials are not UTF-8".into())
@@ -253,17 +258,16 @@ fn percent_decode(s: &str) -> Result<String, String> {
 
 fn base64(input: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    let mut out = String::with_capacity(input.len().div_ceil(3).saturating_mul(4));
     for chunk in input.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &b)| n | (b as u32) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
+        let byte = |i: usize| chunk.get(i).copied().map_or(0, u32::from);
+        let n = byte(0) << 16 | byte(1) << 8 | byte(2);
+        // A chunk of k bytes gives k + 1 digits, then '=' padding.
+        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
+            let digit = ALPHABET.get((n >> shift & 63) as usize).copied();
+            match digit {
+                Some(c) if i <= chunk.len() => out.push(char::from(c)),
+                _ => out.push('='),
             }
         }
     }
@@ -372,5 +376,80 @@ mod tests {
         assert_eq!(base64(b"fo"), "Zm8=");
         assert_eq!(base64(b"foo"), "Zm9v");
         assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn unbase64(s: &str) -> Vec<u8> {
+            const ALPHABET: &[u8] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+            let digits: Vec<u32> = s
+                .bytes()
+                .filter(|&b| b != b'=')
+                .map(|b| ALPHABET.iter().position(|&a| a == b).unwrap() as u32)
+                .collect();
+            let mut out = Vec::new();
+            for chunk in digits.chunks(4) {
+                let n = chunk
+                    .iter()
+                    .chain(std::iter::repeat(&0))
+                    .take(4)
+                    .fold(0u32, |n, d| n << 6 | d);
+                out.extend(&n.to_be_bytes()[1..chunk.len()]);
+            }
+            out
+        }
+
+        fn percent_encode_all(s: &str) -> String {
+            s.bytes().map(|b| format!("%{b:02x}")).collect()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn base64_round_trips(bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
+                let e = base64(&bytes);
+                prop_assert_eq!(e.len(), bytes.len().div_ceil(3) * 4);
+                prop_assert_eq!(unbase64(&e), bytes);
+            }
+
+            #[test]
+            fn percent_decoding(s in any::<String>(), junk in any::<String>()) {
+                prop_assert_eq!(percent_decode(&percent_encode_all(&s)), Ok(s.clone()));
+                if !s.contains('%') {
+                    prop_assert_eq!(percent_decode(&s), Ok(s));
+                }
+                let _ = percent_decode(&junk);
+            }
+
+            /// Whatever the URL, no panic, and the password never shows in an error or
+            /// in the endpoint's Display and Debug.
+            #[test]
+            fn urls_never_leak_the_password(
+                raw in any::<String>(),
+                pw in "[^/?#]{1,12}",
+                host in prop_oneof![Just("h".to_string()), Just("[::1]".to_string()), "[^@/?#]{0,8}"],
+                port in prop_oneof![Just(String::new()), ":1".prop_map(String::from), ":[0-9a-z]{0,6}"],
+            ) {
+                let _ = Endpoint::parse(&raw);
+                let secret = format!("Zq{pw}");
+                let url = format!("http://u:{secret}@{host}{port}");
+                match Endpoint::parse(&url) {
+                    Ok(e) => {
+                        prop_assert!(e.password_in_url);
+                        let shown = format!("{e} {e:?}");
+                        prop_assert!(!shown.contains(&secret), "{}", shown);
+                        let header = e.auth_header().unwrap();
+                        let creds = unbase64(header.strip_prefix("Basic ").unwrap());
+                        let decoded = percent_decode(&secret).map(|p| format!("u:{p}"));
+                        prop_assert_eq!(Ok(String::from_utf8(creds).unwrap()), decoded);
+                    }
+                    Err(m) => prop_assert!(!m.contains(&secret), "{}", m),
+                }
+            }
+        }
     }
 }

@@ -284,4 +284,191 @@ mod tests {
         assert_eq!(below("/ab", "/a"), None);
         assert_eq!(below("/a", "/a"), Some(""));
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn segment() -> impl Strategy<Value = String> {
+            prop_oneof![
+                proptest::sample::select(vec![
+                    "a",
+                    "b",
+                    "ab",
+                    "_x",
+                    "__replication",
+                    "__ROOT__",
+                    "é",
+                    "x y",
+                    "replica"
+                ])
+                .prop_map(String::from),
+                "[ab_]{1,3}",
+                "[^/]{1,4}",
+            ]
+        }
+
+        fn segments() -> impl Strategy<Value = Vec<String>> {
+            proptest::collection::vec(segment(), 0..5)
+        }
+
+        fn path(segs: &[String]) -> String {
+            format!("/{}", segs.join("/"))
+        }
+
+        /// Prefixes as an operator may type them: empty segments, trailing slashes.
+        fn raw_prefix() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => proptest::collection::vec(prop_oneof![segment(), Just(String::new())], 0..4)
+                    .prop_map(|s| format!("/{}", s.join("/"))),
+                1 => any::<String>(),
+            ]
+        }
+
+        fn keymap() -> impl Strategy<Value = KeyMap> {
+            let ignore = proptest::option::of(proptest::sample::select(vec![
+                "/a(/.*)?",
+                ".*/_?b",
+                "/a/b",
+                "(/[^/]*)*",
+            ]));
+            (raw_prefix(), raw_prefix(), any::<bool>(), ignore).prop_map(|(s, d, strip, re)| {
+                KeyMap {
+                    src_prefix: normalize_prefix(&s),
+                    dst_prefix: normalize_prefix(&d),
+                    strip,
+                    ignore: re.map(|r| Regex::new(&format!("^(?:{r})$")).unwrap()),
+                }
+            })
+        }
+
+        fn nonempty_segments(s: &str) -> Vec<&str> {
+            s.split('/').filter(|p| !p.is_empty()).collect()
+        }
+
+        fn is_clean(k: &str) -> bool {
+            k.starts_with('/') && !k.contains("//") && (k == "/" || !k.ends_with('/'))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn normalized_prefixes_are_clean(raw in prop_oneof![raw_prefix(), any::<String>()]) {
+                let n = normalize_prefix(&raw);
+                prop_assert!(is_clean(&n), "{:?}", n);
+                prop_assert_eq!(nonempty_segments(&n), nonempty_segments(&raw));
+                prop_assert_eq!(normalize_prefix(&n), n);
+            }
+
+            #[test]
+            fn join_adds_exactly_one_slash(a in any::<String>(), b in any::<String>()) {
+                let j = join(&a, &b);
+                let mut segs = nonempty_segments(&a);
+                segs.extend(nonempty_segments(&b));
+                prop_assert_eq!(nonempty_segments(&j), segs);
+                if a.starts_with('/') || a.trim_end_matches('/').is_empty() {
+                    prop_assert!(j.starts_with('/'), "{:?}", j);
+                }
+                if !a.contains("//") && !b.contains("//") {
+                    prop_assert!(!j.contains("//"), "{:?}", j);
+                }
+            }
+
+            #[test]
+            fn below_is_whole_segments(key in prop_oneof![segments().prop_map(|s| path(&s)), any::<String>()],
+                                       prefix in prop_oneof![raw_prefix().prop_map(|p| normalize_prefix(&p)), any::<String>()]) {
+                if let Some(rest) = below(&key, &prefix) {
+                    prop_assert!(rest.is_empty() || rest.starts_with('/') || prefix == "/", "{:?}", rest);
+                    if prefix == "/" {
+                        prop_assert!(rest == key || (key == "/" && rest.is_empty()));
+                    } else {
+                        prop_assert_eq!(format!("{prefix}{rest}"), key.clone());
+                    }
+                }
+                if is_clean(&key) && is_clean(&prefix) {
+                    let (k, p) = (nonempty_segments(&key), nonempty_segments(&prefix));
+                    prop_assert_eq!(below(&key, &prefix).is_some(), k.starts_with(&p));
+                }
+            }
+
+            #[test]
+            fn below_undoes_join(p in raw_prefix(), rest in segments()) {
+                let p = normalize_prefix(&p);
+                let rest = if rest.is_empty() { String::new() } else { path(&rest) };
+                let joined = join(&p, &rest);
+                prop_assert_eq!(below(&joined, &p), Some(rest.as_str()));
+            }
+
+            /// Keys as etcd sends them (cleaned: no empty segment, no trailing slash).
+            #[test]
+            fn routes_of_source_keys(m in keymap(), segs in segments()) {
+                let key = path(&segs);
+                let route = m.route(&key);
+                let (k, src) = (nonempty_segments(&key), nonempty_segments(&m.src_prefix));
+                if !k.starts_with(&src) {
+                    let want = if src.starts_with(&k) {
+                        Route::Subtree
+                    } else {
+                        Route::Skip("outside the source prefix")
+                    };
+                    prop_assert_eq!(route, want);
+                    return Ok(());
+                }
+                let rest = k.get(src.len()..).unwrap_or_default();
+                let hidden = rest.iter().any(|s| s.starts_with('_'))
+                    || below(&key, REPLICATION_DIR).is_some();
+                let ignored = m.ignore.as_ref().is_some_and(|re| re.is_match(&key));
+                match route {
+                    Route::Subtree => prop_assert!(rest.is_empty()),
+                    Route::Skip(_) => prop_assert!(!rest.is_empty() && (hidden || ignored)),
+                    Route::Mirror(dst) => {
+                        prop_assert!(!rest.is_empty() && !hidden && !ignored);
+                        prop_assert!(is_clean(&dst), "{:?}", dst);
+                        let root = m.dst_root();
+                        prop_assert!(below(&dst, &root).is_some_and(|r| !r.is_empty()), "{:?} not below {:?}", dst, root);
+                        prop_assert_eq!(m.source_of(&dst), Some(key.clone()));
+                        // The mirror never writes over replication state, its own or another's.
+                        let valid = below(&m.src_prefix, REPLICATION_DIR).is_none()
+                            && below(&m.dst_prefix, REPLICATION_DIR).is_none();
+                        if valid {
+                            prop_assert!(below(&dst, REPLICATION_DIR).is_none(), "{:?}", dst);
+                        }
+                        // On one cluster, a mirror that does not feed itself never sees its writes.
+                        if !m.feeds_itself() {
+                            prop_assert_eq!(m.route(&dst), Route::Skip("outside the source prefix"));
+                        }
+                    }
+                }
+            }
+
+            /// Any string, as a broken server might send: no panic, and nothing outside
+            /// the prefix or hidden below it is ever mirrored.
+            #[test]
+            fn routes_of_any_string(m in keymap(), key in any::<String>(), hidden in segment()) {
+                if let Route::Mirror(dst) = m.route(&key) {
+                    prop_assert!(below(&key, &m.src_prefix).is_some());
+                    prop_assert!(below(&dst, &m.dst_root()).is_some(), "{:?}", dst);
+                }
+                let under = join(&m.src_prefix, &key);
+                if below(&under, &m.src_prefix).is_some_and(|r| !r.is_empty()) {
+                    let in_hidden = join(&m.src_prefix, &format!("_{hidden}/{key}"));
+                    prop_assert!(matches!(m.route(&in_hidden), Route::Skip(_)), "{:?}", in_hidden);
+                }
+            }
+
+            #[test]
+            fn index_keys_are_clean_and_distinct(a in raw_prefix(), b in raw_prefix()) {
+                let map = |d: &str| KeyMap { src_prefix: "/".into(), dst_prefix: normalize_prefix(d), strip: false, ignore: None };
+                let (ma, mb) = (map(&a), map(&b));
+                let (ia, ib) = (ma.index_key(), mb.index_key());
+                prop_assert!(is_clean(&ia) && ia.starts_with("/__replication/"), "{:?}", ia);
+                // "/" and "/__ROOT__" share one index key, but they overlap anyway.
+                let root_pair = [&ma.dst_prefix, &mb.dst_prefix].into_iter().any(|p| p == "/");
+                if ma.dst_prefix != mb.dst_prefix && !root_pair {
+                    prop_assert_ne!(ia, ib);
+                }
+            }
+        }
+    }
 }

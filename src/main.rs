@@ -1,5 +1,15 @@
 //! Entry point: parse the command line, run, and map the outcome to an exit code in one place.
 
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
 mod cli;
 mod dest;
 mod endpoint;
@@ -42,7 +52,7 @@ fn main() -> ExitCode {
             } else {
                 eprintln!("etcdmirror: {e}");
             }
-            ExitCode::from(e.exit_code() as u8)
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
         }
     }
 }

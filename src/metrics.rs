@@ -49,19 +49,19 @@ impl Stats {
     /// Count one destination write that took `d`.
     pub fn observe_write(&mut self, d: Duration) {
         let s = d.as_secs_f64();
-        for (i, &le) in BUCKETS.iter().enumerate() {
+        for (count, &le) in self.write_buckets.iter_mut().zip(&BUCKETS) {
             if s <= le {
-                self.write_buckets[i] += 1;
+                *count = count.saturating_add(1);
             }
         }
         self.write_sum += s;
-        self.write_count += 1;
+        self.write_count = self.write_count.saturating_add(1);
     }
 
     /// Count one reload that took `d`.
     pub fn observe_load(&mut self, d: Duration) {
         self.load_sum += d.as_secs_f64();
-        self.load_count += 1;
+        self.load_count = self.load_count.saturating_add(1);
     }
 
     pub fn lag(&self) -> u64 {
@@ -69,7 +69,9 @@ impl Stats {
     }
 
     fn replicated_total(&self) -> u64 {
-        self.events_by_action.values().sum()
+        self.events_by_action
+            .values()
+            .fold(0, |total, &n| total.saturating_add(n))
     }
 }
 
@@ -164,7 +166,7 @@ pub fn render(s: &Stats, now: Instant) -> String {
     );
     let since = s
         .last_watch
-        .map_or(-1.0, |t| now.duration_since(t).as_secs_f64());
+        .map_or(-1.0, |t| now.saturating_duration_since(t).as_secs_f64());
     let _ = writeln!(o, "etcdmirror_seconds_since_last_watch {since:.3}");
     metric(
         &mut o,
@@ -315,5 +317,68 @@ mod tests {
         assert_eq!(respond("/lag").0, "200 OK");
         assert_eq!(respond("/nope").0, "404 Not Found");
         assert!(respond("/").2.contains("/metrics"));
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn duration() -> impl Strategy<Value = Duration> {
+            prop_oneof![
+                (0u64..10_000_000).prop_map(Duration::from_micros),
+                any::<(u64, u32)>().prop_map(|(s, n)| Duration::new(s, n % 1_000_000_000)),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            /// Any counters, labels and latencies: no panic, one sample per line, every
+            /// value a number, and the histogram cumulative.
+            #[test]
+            fn any_stats_render_as_numbers(
+                url in any::<String>(),
+                prefix in any::<String>(),
+                counters in any::<[u64; 5]>(),
+                actions in proptest::collection::btree_map(any::<String>(), any::<u64>(), 0..4),
+                writes in proptest::collection::vec(duration(), 0..20),
+                loads in proptest::collection::vec(duration(), 0..3),
+                watched in proptest::option::of(0u64..1_000_000),
+            ) {
+                let now = Instant::now();
+                let mut s = Stats {
+                    url,
+                    prefix,
+                    source_index: counters[0],
+                    replicated_index: counters[1],
+                    events_by_action: actions,
+                    ignored_events: counters[2],
+                    idle_advances: counters[3],
+                    retries: counters[4],
+                    // A watch in the future (a clock step) must not panic either.
+                    last_watch: watched.and_then(|ms| now.checked_add(Duration::from_millis(ms)).or(Some(now))),
+                    ..Stats::default()
+                };
+                writes.iter().for_each(|&d| s.observe_write(d));
+                loads.iter().for_each(|&d| s.observe_load(d));
+                prop_assert_eq!(s.lag(), counters[0].saturating_sub(counters[1]));
+                let text = render(&s, now);
+                let mut buckets = Vec::new();
+                for line in text.lines().filter(|l| !l.starts_with('#')) {
+                    let value = line.rsplit(' ').next().unwrap_or_default();
+                    let v: f64 = value.parse().map_err(|_| TestCaseError::fail(line.to_string()))?;
+                    if line.starts_with("etcdmirror_write_latency_bucket") {
+                        buckets.push(v);
+                    }
+                }
+                prop_assert_eq!(buckets.len(), BUCKETS.len() + 1);
+                prop_assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{:?}", buckets);
+                prop_assert_eq!(buckets.last().copied(), Some(writes.len() as f64));
+                for (le, n) in BUCKETS.iter().zip(&buckets) {
+                    let want = writes.iter().filter(|d| d.as_secs_f64() <= *le).count();
+                    prop_assert_eq!(*n, want as f64);
+                }
+            }
+        }
     }
 }

@@ -313,4 +313,135 @@ mod tests {
         assert_eq!(State::Value("a\nb".into()).describe(), "value \"a\\nb\"");
         assert!(State::Value("x".repeat(1000)).describe().len() < 260);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const SET_LIKE: [&str; 4] = ["set", "create", "update", "compareAndSwap"];
+        const DELETE_LIKE: [&str; 3] = ["delete", "compareAndDelete", "expire"];
+
+        fn action() -> impl Strategy<Value = String> {
+            prop_oneof![
+                3 => proptest::sample::select(SET_LIKE.to_vec()).prop_map(String::from),
+                3 => proptest::sample::select(DELETE_LIKE.to_vec()).prop_map(String::from),
+                1 => Just("get".to_string()),
+                1 => any::<String>(),
+            ]
+        }
+
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("/".to_string()),
+                "(/[a-z_é]{0,3}){1,3}",
+                any::<String>()
+            ]
+        }
+
+        fn value() -> impl Strategy<Value = Option<String>> {
+            proptest::option::of(prop_oneof![
+                Just(String::new()),
+                "[ab]{1,2}",
+                any::<String>()
+            ])
+        }
+
+        fn node() -> impl Strategy<Value = Node> {
+            (key(), value(), any::<u64>()).prop_map(|(key, value, modified_index)| Node {
+                key,
+                value,
+                modified_index,
+                nodes: vec![],
+            })
+        }
+
+        fn event() -> impl Strategy<Value = Event> {
+            (action(), node(), proptest::option::of(node()))
+                .prop_map(|(action, node, prev)| Event { action, node, prev })
+        }
+
+        fn op_key(op: &Op) -> &str {
+            match op {
+                Op::Put { key, .. }
+                | Op::Delete { key, .. }
+                | Op::Check { key, .. }
+                | Op::ClearSubtree { key } => key,
+            }
+        }
+
+        /// Run the ops on a one-key model of the destination starting at `start`: every
+        /// op's expected state must hold when it runs. Returns the state at the end.
+        fn run(ops: &[Op], start: State) -> Result<State, String> {
+            ops.iter().try_fold(start, |now, op| match op {
+                Op::Put { value, expect, .. } if *expect == now => {
+                    Ok(value.clone().map_or(State::Dir, State::Value))
+                }
+                Op::Delete { expect, .. } if *expect == now => Ok(State::Absent),
+                Op::Check { expect, .. } if *expect == now => Ok(now),
+                Op::ClearSubtree { .. } => Ok(State::Absent),
+                _ => Err(format!("{op:?} on {now:?}")),
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn plans_follow_the_event(ev in event(), dst in key()) {
+                let planned = plan_event(&ev, &dst);
+                let set_like = SET_LIKE.contains(&ev.action.as_str());
+                let delete_like = DELETE_LIKE.contains(&ev.action.as_str());
+                let Ok(p) = planned else {
+                    prop_assert!(!set_like && !delete_like, "known action refused");
+                    return Ok(());
+                };
+                prop_assert!(set_like || delete_like, "unknown action {:?} planned", ev.action);
+                for op in &p.ops {
+                    prop_assert_eq!(op_key(op), dst.as_str());
+                    if let Op::Put { value, .. } = op {
+                        prop_assert_eq!(value, &ev.node.value);
+                    }
+                }
+                let pre = State::of(ev.prev.as_ref());
+                // A delete of a directory expects a directory, whatever prevNode said.
+                let start = if delete_like && ev.node.is_dir() { State::Dir } else { pre };
+                match p.ops.first() {
+                    Some(Op::Put { expect, .. } | Op::Delete { expect, .. } | Op::Check { expect, .. }) => {
+                        prop_assert_eq!(expect, &start)
+                    }
+                    Some(Op::ClearSubtree { .. }) => prop_assert!(delete_like && dst == "/"),
+                    None => prop_assert!(set_like && dst == "/" && ev.node.is_dir()),
+                }
+                if delete_like {
+                    prop_assert_eq!(&p.post, &State::Absent);
+                    prop_assert_eq!(p.ops.len(), 1);
+                } else {
+                    prop_assert_eq!(&p.post, &State::of(Some(&ev.node)));
+                }
+                // The destination root always exists; otherwise the ops lead to `post`.
+                if !p.ops.is_empty() {
+                    let end = run(&p.ops, start).map_err(TestCaseError::fail)?;
+                    prop_assert_eq!(end, p.post);
+                }
+            }
+
+            #[test]
+            fn subtree_plans_clear_only_on_deletes(ev in event(), root in key()) {
+                let p = plan_subtree_event(&ev, &root);
+                prop_assert_eq!(&p.post, &State::Absent);
+                if DELETE_LIKE.contains(&ev.action.as_str()) {
+                    prop_assert_eq!(p.ops, vec![Op::ClearSubtree { key: root }]);
+                } else {
+                    prop_assert!(p.ops.is_empty());
+                }
+            }
+
+            #[test]
+            fn descriptions_stay_short(v in any::<String>()) {
+                let d = State::Value(v).describe();
+                // 200 characters, each escaped to at most 10 bytes, and the framing.
+                prop_assert!(d.len() <= 200 * 10 + 40, "{}", d.len());
+            }
+        }
+    }
 }

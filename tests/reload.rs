@@ -485,3 +485,41 @@ fn reload_cut_short_by_a_crash_needs_another_reload() {
         "reload after a crashed reload",
     );
 }
+
+#[test]
+fn reload_turns_values_into_directories_and_back() {
+    let p = Pair::start("reload-kinds");
+    // /app/d is a directory with a child on the source, a value on the destination;
+    // /app/e is a value on the source, a directory with children on the destination.
+    p.src.set("/app/d/x", "1");
+    p.src.set("/app/e", "2");
+    p.src.set("/app/f", "3");
+    p.dst.set("/replica/d", "was a value");
+    p.dst.set("/replica/e/y/z", "was below a directory");
+    p.dst.set("/replica/f", "3");
+    let snapshot = p.src.current_index();
+    let mut m = Mirror::start(
+        &["--reload", "--force", "--src-prefix", "/app", "--strip"],
+        &p.src.url,
+        &p.dst.url,
+    );
+    let done = poll_until(Duration::from_secs(30), || {
+        replication_index(&p.dst, "/replica").is_some_and(|i| i >= snapshot) || !m.is_alive()
+    });
+    assert!(
+        done && m.is_alive(),
+        "reload did not finish:\n{}",
+        tail(&m.stderr(), 20)
+    );
+    let want: BTreeMap<String, Option<String>> = [
+        ("/replica/d", None),
+        ("/replica/d/x", Some("1")),
+        ("/replica/e", Some("2")),
+        ("/replica/f", Some("3")),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+    .collect();
+    let now = tree(&p.dst, "/replica");
+    assert!(now == want, "{}", tree_diff(&want, &now));
+}
