@@ -47,12 +47,16 @@ Logging:
       --version                    print the version
 
 Exit codes:
-  0  clean stop
+  0  --help, --version, or a finished --reload --dry-run (replication runs until stopped)
   1  transient failure, retries exhausted (safe to restart)
   2  usage or configuration error, or a refused --reload
   3  inconsistency on the destination (needs a human)
   4  source index cleared: history window lost (run with --reload)
   5  another writer changed the replication index (stop the other mirror)
+
+Signals: SIGTERM and SIGINT end the process at once by the signal itself, without an exit
+code (a shell shows 143 or 130); systemd counts that as a clean stop and does not restart
+it. A stop or a SIGKILL at any moment is safe: the next start carries on from the index.
 ";
 
 /// The shortest silence that may count as proof that no event is coming.

@@ -127,6 +127,11 @@ impl Endpoint {
         Ok(self)
     }
 
+    /// The user for HTTP basic auth, if any (never the password).
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
     /// The `Authorization` header value, when there is a user.
     pub fn auth_header(&self) -> Option<String> {
         let user = self.user.as_ref()?;

@@ -1,8 +1,9 @@
 //! Counters the loop publishes, and the read-only HTTP responder that serves them.
 
 use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -229,49 +230,223 @@ fn respond(path: &str) -> (&'static str, &'static str, String) {
     }
 }
 
-fn handle(stream: TcpStream) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_millis(500)))?;
-    stream.set_write_timeout(Some(Duration::from_millis(500)))?;
-    let mut reader = BufReader::new(&stream);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    // Drain the headers so the client sees a clean close.
-    let mut line = String::new();
-    while reader.read_line(&mut line)? > 2 {
-        line.clear();
+// The responder is one thread serving every connection from one loop over non-blocking
+// sockets, so that no client, however slow or idle, can hold up a scrape, and its memory
+// and file descriptors are bounded: at most MAX_CONNECTIONS sockets, each holding at most
+// MAX_REQUEST bytes, for at most DEADLINE.
+
+/// Largest request head (request line, headers, blank line) read; a longer one gets 431.
+const MAX_REQUEST: usize = 8 * 1024;
+/// Time a connection may stay open from accept to the end of its response.
+const DEADLINE: Duration = Duration::from_secs(2);
+/// Connections open at once. When a new one arrives beyond this, the oldest is closed: a
+/// scraper sends its request at once, so the oldest connection is the one least likely to
+/// be a real client, and a flood of new connections can never lock out the next scrape.
+const MAX_CONNECTIONS: usize = 256;
+/// Sleep when a round over every socket found nothing to do.
+const IDLE_SLEEP: Duration = Duration::from_millis(5);
+
+/// One client connection: reading its request, then writing its response.
+struct Conn {
+    stream: TcpStream,
+    accepted: Instant,
+    /// The request head read so far (at most MAX_REQUEST bytes).
+    request: Vec<u8>,
+    /// The response and how much of it is written, once the request is complete.
+    response: Option<(Vec<u8>, usize)>,
+}
+
+/// What one turn over a connection did.
+enum Turn {
+    /// Nothing to do until the client sends or reads more.
+    Waiting,
+    /// Some bytes moved.
+    Progress,
+    /// Finished or failed: close it.
+    Done,
+}
+
+/// Where the request head ends (after its blank line), if it has ended.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    match (crlf, lf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
-    let mut parts = request_line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let (status, ctype, body) = match method {
-        "GET" | "HEAD" => respond(path),
-        _ => ("405 Method Not Allowed", "text/plain", "only GET\n".into()),
+}
+
+/// The full HTTP response to a request head (or to a head that did not fit: `None`).
+fn answer(head: Option<&[u8]>) -> Vec<u8> {
+    let text = "text/plain; charset=utf-8";
+    let (status, ctype, body, head_only) = match head {
+        None => (
+            "431 Request Header Fields Too Large",
+            text,
+            "request too large\n".to_string(),
+            false,
+        ),
+        Some(head) => {
+            let head = String::from_utf8_lossy(head);
+            let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+            let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let path = target.split('?').next().unwrap_or("");
+            match method {
+                "GET" | "HEAD" => {
+                    let (status, ctype, body) = respond(path);
+                    (status, ctype, body, method == "HEAD")
+                }
+                _ => ("405 Method Not Allowed", text, "only GET\n".into(), false),
+            }
+        }
     };
-    let body = if method == "HEAD" {
-        String::new()
-    } else {
-        body
-    };
-    let mut out = &stream;
-    write!(
-        out,
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    )?;
-    out.flush()
+    )
+    .into_bytes();
+    if !head_only {
+        out.extend_from_slice(body.as_bytes());
+    }
+    out
+}
+
+impl Conn {
+    /// Read what the client sent, or write what is left of the response, without blocking.
+    fn turn(&mut self) -> Turn {
+        if let Some((out, written)) = &mut self.response {
+            return match out.get(*written..).map(|rest| self.stream.write(rest)) {
+                Some(Ok(0)) | None => Turn::Done,
+                Some(Ok(n)) => {
+                    *written = written.saturating_add(n);
+                    if *written >= out.len() {
+                        Turn::Done
+                    } else {
+                        Turn::Progress
+                    }
+                }
+                Some(Err(e)) if e.kind() == ErrorKind::WouldBlock => Turn::Waiting,
+                Some(Err(e)) if e.kind() == ErrorKind::Interrupted => Turn::Progress,
+                Some(Err(_)) => Turn::Done,
+            };
+        }
+        let room = MAX_REQUEST.saturating_sub(self.request.len());
+        if room == 0 {
+            // Full, and no complete head in it (that is checked after every read).
+            self.response = Some((answer(None), 0));
+            return Turn::Progress;
+        }
+        let mut chunk = [0u8; 2048];
+        let buf = chunk.get_mut(..room.min(2048)).unwrap_or_default();
+        match self.stream.read(buf) {
+            Ok(0) => {
+                // The client stopped sending: answer a request line without a blank line
+                // (`printf 'GET /lag\n' | nc -N`), drop anything else.
+                if !self.request.contains(&b'\n') {
+                    return Turn::Done;
+                }
+                self.response = Some((answer(Some(&self.request)), 0));
+                Turn::Progress
+            }
+            Ok(n) => {
+                self.request
+                    .extend_from_slice(buf.get(..n).unwrap_or_default());
+                if let Some(end) = head_end(&self.request) {
+                    self.response = Some((answer(self.request.get(..end)), 0));
+                }
+                Turn::Progress
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => Turn::Waiting,
+            Err(e) if e.kind() == ErrorKind::Interrupted => Turn::Progress,
+            Err(_) => Turn::Done,
+        }
+    }
+}
+
+/// Take every pending connection; with `wait`, sleep in accept() until one comes. False
+/// when none came.
+fn accept(listener: &TcpListener, conns: &mut VecDeque<Conn>, wait: bool) -> bool {
+    let mut any = false;
+    if wait {
+        if listener.set_nonblocking(false).is_err() {
+            return false;
+        }
+        let first = listener.accept();
+        // Back to non-blocking before the loop below, or it would sleep in accept() while
+        // connections wait for their turn.
+        if listener.set_nonblocking(true).is_err() {
+            return false;
+        }
+        if let Ok((stream, _)) = first {
+            any = add(conns, stream);
+        }
+    }
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => any = add(conns, stream) || any,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return any,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => {
+                // Out of file descriptors or similar: give the open sockets their turn.
+                std::thread::sleep(IDLE_SLEEP);
+                return any;
+            }
+        }
+    }
+}
+
+/// Track a new connection, closing the oldest when MAX_CONNECTIONS are open.
+fn add(conns: &mut VecDeque<Conn>, stream: TcpStream) -> bool {
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    if conns.len() >= MAX_CONNECTIONS {
+        conns.pop_front();
+    }
+    conns.push_back(Conn {
+        stream,
+        accepted: Instant::now(),
+        request: Vec::new(),
+        response: None,
+    });
+    true
+}
+
+/// The responder loop. With no client connected it waits in accept(), so an idle mirror
+/// pays no wake-ups for its endpoint.
+fn respond_forever(listener: TcpListener) {
+    let mut conns: VecDeque<Conn> = VecDeque::new();
+    loop {
+        let idle = conns.is_empty();
+        let mut busy = accept(&listener, &mut conns, idle);
+        let now = Instant::now();
+        conns.retain_mut(|c| {
+            if now.saturating_duration_since(c.accepted) > DEADLINE {
+                return false;
+            }
+            match c.turn() {
+                Turn::Waiting => true,
+                Turn::Progress => {
+                    busy = true;
+                    true
+                }
+                Turn::Done => false,
+            }
+        });
+        if !busy {
+            std::thread::sleep(IDLE_SLEEP);
+        }
+    }
 }
 
 /// Bind the endpoint now (so a busy port fails at start) and serve it from one thread.
 pub fn serve(addr: SocketAddr) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
     std::thread::Builder::new()
         .name("metrics".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let _ = handle(stream);
-            }
-        })?;
+        .spawn(move || respond_forever(listener))?;
     Ok(bound)
 }
 
@@ -310,6 +485,27 @@ mod tests {
             let value = line.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "{line}");
         }
+    }
+
+    #[test]
+    fn request_heads_end_at_the_first_blank_line() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nbody"), Some(27));
+        assert_eq!(head_end(b"GET /lag\n\n"), Some(10));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
+        assert_eq!(head_end(b""), None);
+    }
+
+    #[test]
+    fn answers() {
+        let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+        let lag = text(answer(Some(b"GET /lag?x=1 HTTP/1.1\r\n\r\n")));
+        assert!(lag.starts_with("HTTP/1.1 200 OK\r\n"), "{lag}");
+        assert!(lag.ends_with("\r\n\r\n0\n"), "{lag}");
+        let head = text(answer(Some(b"HEAD /metrics HTTP/1.1\r\n\r\n")));
+        assert!(head.ends_with("\r\n\r\n") && !head.contains("etcdmirror_lag"));
+        assert!(text(answer(Some(b"POST / HTTP/1.1\r\n\r\n"))).starts_with("HTTP/1.1 405"));
+        assert!(text(answer(Some(b"\r\n\r\n"))).starts_with("HTTP/1.1 405"));
+        assert!(text(answer(None)).starts_with("HTTP/1.1 431"));
     }
 
     #[test]

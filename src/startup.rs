@@ -2,13 +2,16 @@
 //! replicate from (read, or made by `--reload`).
 
 use std::io::Write;
+use std::time::Duration;
 
 use crate::cli::Config;
+use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
-use crate::etcd::Client;
+use crate::etcd::{encode, Client};
 use crate::{dest, metrics, mirror, reload};
 
 /// Log to stderr; under systemd (`JOURNAL_STREAM`) with syslog priorities and no timestamps.
+/// Whatever `RUST_LOG` says, other crates log at info and above only (see `OwnDetail`).
 pub fn init_logging(debug: bool) {
     // -d is about the mirror's own decisions, not the HTTP library's internals.
     let default = if debug {
@@ -32,7 +35,51 @@ pub fn init_logging(debug: bool) {
     } else {
         builder.format_target(false);
     }
-    builder.init();
+    let inner = builder.build();
+    let max = inner.filter();
+    // Leaked once: the logger lives as long as the process, as `log` requires.
+    let logger: &'static OwnDetail = Box::leak(Box::new(OwnDetail(inner)));
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(max);
+    }
+}
+
+/// Passes the mirror's own records at every level, and other crates' records only at info
+/// and above.
+///
+/// Why by target and not by content: at debug and trace, ureq and ureq-proto log every
+/// request as a hex dump, 16 bytes a record, so the `Authorization: Basic ...` header is
+/// split over several records ("...authorizatio" / "n: Basic cm9vdDp" / "yb290...") and its
+/// password is base64. No filter on a record's text can recognise that, and any other
+/// crate added under ureq (TLS, proxies) may dump bytes the same way. The mirror's own
+/// records never hold a credential (endpoints display without them), so they need no
+/// filter, and a key that happens to contain "authorization" is still logged. Nothing is
+/// lost for operators: the libraries' warnings and errors still pass, and the mirror logs
+/// every request failure itself.
+struct OwnDetail(env_logger::Logger);
+
+impl OwnDetail {
+    fn allows(metadata: &log::Metadata) -> bool {
+        let target = metadata.target();
+        let own = target == "etcdmirror" || target.starts_with("etcdmirror::");
+        own || metadata.level() <= log::Level::Info
+    }
+}
+
+impl log::Log for OwnDetail {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        Self::allows(metadata) && self.0.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        if Self::allows(record.metadata()) {
+            self.0.log(record);
+        }
+    }
+
+    fn flush(&self) {
+        self.0.flush();
+    }
 }
 
 /// Everything between a valid configuration and the replication loop: metrics endpoint,
@@ -55,6 +102,23 @@ pub fn run(cfg: &Config) -> Result<()> {
         })?;
         log::info!("serving /metrics and /lag on http://{bound}");
     }
+    // Bounded by the retry budget too, so that an unreachable side is not waited on longer
+    // here than the client would retry it.
+    let probe_timeout = cfg.retry_timeout.min(Duration::from_secs(10));
+    check_access(
+        &cfg.src,
+        "source",
+        "src",
+        &cfg.keys.src_prefix,
+        probe_timeout,
+    )?;
+    check_access(
+        &cfg.dst,
+        "destination",
+        "dst",
+        &cfg.keys.index_key(),
+        probe_timeout,
+    )?;
     let src = Client::new(&cfg.src, cfg.retry_timeout);
     let dst = Client::new(&cfg.dst, cfg.retry_timeout);
     if cfg.keys.feeds_itself() {
@@ -88,4 +152,50 @@ pub fn run(cfg: &Config) -> Result<()> {
         index
     };
     mirror::Mirror::new(cfg, &src, &dst, index).run()
+}
+
+/// Exit 2 at start when a side refuses the credentials (etcd's own v2 auth answers 401,
+/// errorCode 110, both for a wrong password and for a user without read access to `key`),
+/// naming the side and the flags to check. One HEAD of the first key the mirror reads on
+/// that side; any other outcome (unreachable, TLS, 404) is left to the client, which
+/// retries or reports it.
+fn check_access(ep: &Endpoint, role: &str, side: &str, key: &str, timeout: Duration) -> Result<()> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .timeout_global(Some(timeout))
+        .user_agent(concat!("etcdmirror/", env!("CARGO_PKG_VERSION")))
+        .tls_config(ep.tls.clone())
+        .build()
+        .into();
+    let url = format!("{}/v2/keys{}", ep.base, encode(key, true));
+    let mut req = agent.head(&url);
+    if let Some(auth) = ep.auth_header() {
+        req = req.header("Authorization", &auth);
+    }
+    let status = match req.call() {
+        Ok(resp) => resp.status().as_u16(),
+        Err(_) => return Ok(()),
+    };
+    if status != 401 && status != 403 {
+        return Ok(());
+    }
+    let check = if ep.password_in_url {
+        format!(
+            "check the user and password in the {} URL",
+            side.to_uppercase()
+        )
+    } else {
+        format!("check --{side}-user and --{side}-password-file")
+    };
+    Err(Error::Usage(match ep.user() {
+        Some(user) => format!(
+            "the {role} {ep} refused user {user:?} (HTTP {status}): authentication failed \
+             (wrong user or password), or the user may not read {key}; {check}"
+        ),
+        None => format!(
+            "the {role} {ep} requires authentication (HTTP {status}) to read {key}: \
+             give a user with --{side}-user and its password with --{side}-password-file"
+        ),
+    }))
 }
