@@ -238,12 +238,14 @@ fn main() {
         plan.rate.store(rate, Ordering::SeqCst);
         plan.inside.store(rng.below(101), Ordering::SeqCst);
         let faults = Faults {
-            delay_up: Duration::from_millis(rng.below(40)),
-            delay_down: Duration::from_millis(rng.below(40)),
+            to_server: Duration::from_millis(rng.below(40)),
+            to_client: Duration::from_millis(rng.below(40)),
             jitter: Duration::from_millis(rng.below(20)),
-            hold_body: rng
-                .chance(15)
-                .then(|| Duration::from_millis(100 + rng.below(3000))),
+            hold_body: if rng.chance(15) {
+                Duration::from_millis(100 + rng.below(3000))
+            } else {
+                Duration::ZERO
+            },
             ..Faults::default()
         };
         phases.lock().unwrap().push(format!(

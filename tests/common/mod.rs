@@ -12,7 +12,8 @@ use std::net::TcpListener;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -593,6 +594,11 @@ impl Etcd {
         );
     }
 
+    /// The client address, for a proxy in front of this server.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.client_port))
+    }
+
     /// The URL with basic-auth credentials embedded.
     pub fn url_with_auth(&self, user: &str, pass: &str) -> String {
         format!("http://{user}:{pass}@127.0.0.1:{}", self.client_port)
@@ -1124,5 +1130,84 @@ impl Mirror {
             );
         }
         self.assert_alive(what);
+    }
+}
+
+/// Watches the destination from outside while a mirror runs: the recorded replication index
+/// must never reach a source write that the replica does not hold yet. Sound only for keys
+/// written once and never deleted: once present, a key stays, so an index read before a key
+/// was found missing proves the index passed a write that had not arrived.
+pub struct NoSkip {
+    /// (destination key, source modifiedIndex) of writes not yet seen on the replica.
+    pending: Arc<Mutex<Vec<(String, u64)>>>,
+    violation: Arc<Mutex<Option<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NoSkip {
+    /// Start checking every 20 ms the index recorded for `dst_prefix` on `dst`.
+    pub fn start(dst: &Client, dst_prefix: &str) -> NoSkip {
+        let pending: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+        let violation: Arc<Mutex<Option<String>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, v, s) = (pending.clone(), violation.clone(), stop.clone());
+        let (dst, prefix) = (dst.clone(), dst_prefix.to_string());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                if let Some(index) = replication_index(&dst, &prefix) {
+                    let due: Vec<_> = p
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .filter(|w| w.1 <= index)
+                        .cloned()
+                        .collect();
+                    for (key, mi) in due {
+                        if !dst.exists(&key) {
+                            *v.lock().unwrap() = Some(format!(
+                                "the mirror recorded index {index} while {key} (source index \
+                                 {mi}) was not on the replica: it skipped an event"
+                            ));
+                            return;
+                        }
+                        p.lock().unwrap().retain(|w| w.0 != key);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        NoSkip {
+            pending,
+            violation,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// A source write that must be on the replica (at `dst_key`) before the recorded index
+    /// reaches `modified_index`.
+    pub fn expect(&self, dst_key: &str, modified_index: u64) {
+        self.pending
+            .lock()
+            .unwrap()
+            .push((dst_key.to_string(), modified_index));
+    }
+
+    /// Panic if the index ever passed a write that had not arrived.
+    #[track_caller]
+    pub fn assert_ok(&self) {
+        if let Some(v) = self.violation.lock().unwrap().clone() {
+            panic!("{v}");
+        }
+    }
+}
+
+impl Drop for NoSkip {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
