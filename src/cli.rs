@@ -53,6 +53,7 @@ Exit codes:
   3  inconsistency on the destination (needs a human)
   4  source index cleared: history window lost (run with --reload)
   5  another writer changed the replication index (stop the other mirror)
+  6  etcd refused a request for a reason that is not the key's state (e.g. too large)
 
 Signals: SIGTERM and SIGINT end the process at once by the signal itself, without an exit
 code (a shell shows 143 or 130); systemd counts that as a clean stop and does not restart

@@ -38,11 +38,17 @@ pub enum Outcome {
     Mismatch(State),
 }
 
+/// Values up to this size travel as `prevValue`; a larger one would make a DELETE's request
+/// line too long (etcd resets lines over about 4 KiB, ureq refuses about 64 KiB) or a PUT
+/// too large (etcd refuses two 6 MiB values in one form), so it is read and compared here
+/// and the write conditioned on the destination's modifiedIndex instead.
+const SMALL_VALUE: usize = 1024;
+
 /// Turn an expected pre-state into a condition etcd can check, reading the key where it cannot.
 fn condition(dst: &Client, key: &str, expect: &State) -> Result<std::result::Result<Cond, State>> {
     Ok(match expect {
         State::Absent => Ok(Cond::Absent),
-        State::Value(v) if !v.is_empty() => Ok(Cond::Value(v.clone())),
+        State::Value(v) if !v.is_empty() && v.len() <= SMALL_VALUE => Ok(Cond::Value(v.clone())),
         _ => match read_state(dst, key)? {
             (found, mi) if found == *expect => Ok(match found {
                 State::Value(_) => Cond::Index(mi),

@@ -26,6 +26,9 @@ pub enum Error {
     IndexCleared(String),
     /// Somebody else moved the replication index under us.
     OtherWriter(String),
+    /// etcd refused a request for a reason that says nothing about the key's state (a value
+    /// too large, a malformed request): the destination is unchanged, a human must look.
+    Refused(String),
 }
 
 impl Error {
@@ -37,6 +40,7 @@ impl Error {
             Error::Inconsistency { .. } | Error::IndexAhead { .. } => 3,
             Error::IndexCleared(_) => 4,
             Error::OtherWriter(_) => 5,
+            Error::Refused(_) => 6,
         }
     }
 }
@@ -71,6 +75,11 @@ impl fmt::Display for Error {
                 f,
                 "{m}: the source no longer holds the events after the replication index; \
                  restart with --reload (try --reload --dry-run first)"
+            ),
+            Error::Refused(m) => write!(
+                f,
+                "{m}; this refusal says nothing about the key's state and the destination is \
+                 unchanged: fix its cause (see the etcd error), then restart"
             ),
             Error::OtherWriter(m) => write!(
                 f,
@@ -112,5 +121,6 @@ mod tests {
         assert!(text.contains("20") && text.contains("10"));
         assert_eq!(Error::IndexCleared(String::new()).exit_code(), 4);
         assert_eq!(Error::OtherWriter(String::new()).exit_code(), 5);
+        assert_eq!(Error::Refused(String::new()).exit_code(), 6);
     }
 }

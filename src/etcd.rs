@@ -11,6 +11,11 @@ use crate::error::{Error, Result};
 
 /// etcd error codes the mirror branches on.
 pub const KEY_NOT_FOUND: u64 = 100;
+/// "The request requires user authentication": the credentials do not reach the key.
+pub const UNAUTHORIZED: u64 = 110;
+/// Refusals that describe the key's state (not found, compare failed, not a file, not a
+/// directory, already exists, directory not empty): the caller reads the key and compares.
+const STATE_CODES: [u64; 6] = [100, 101, 102, 104, 105, 108];
 pub const EVENT_INDEX_CLEARED: u64 = 401;
 
 /// A key or directory as etcd returns it.
@@ -265,6 +270,22 @@ pub fn encode(s: &str, keep_slash: bool) -> String {
     out
 }
 
+/// Form-encode a value for a request body with as little growth as possible: only what a
+/// form parser would read as structure (`& ; = + % #`), spaces and control characters are
+/// escaped; other text, UTF-8 included, goes as it is. A value the source accepted then
+/// fits etcd's 10 MB form limit on the destination too.
+fn encode_body_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_ascii_control() || " &;=+%#".contains(c) {
+            out.push_str(&format!("%{:02X}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn cond_params(cond: &Cond, params: &mut Vec<(&'static str, String)>) {
     match cond {
         Cond::None => {}
@@ -274,10 +295,20 @@ fn cond_params(cond: &Cond, params: &mut Vec<(&'static str, String)>) {
     }
 }
 
+/// A query string: everything but unreserved characters escaped.
 fn form(params: &[(&str, String)]) -> String {
     params
         .iter()
         .map(|(k, v)| format!("{k}={}", encode(v, false)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// A request body: values escaped only where a form parser needs it.
+fn form_body(params: &[(&str, String)]) -> String {
+    params
+        .iter()
+        .map(|(k, v)| format!("{k}={}", encode_body_value(v)))
         .collect::<Vec<_>>()
         .join("&")
 }
@@ -489,10 +520,10 @@ impl Client {
             }
             match etcd_error(&body) {
                 Some((KEY_NOT_FOUND, _)) => Attempt::Ok(got),
-                Some((code, msg)) => Attempt::Fatal(Error::Usage(format!(
-                    "GET {key} on {} failed: etcd error {code}: {msg}",
-                    self.name()
-                ))),
+                Some((code, msg)) => Attempt::Fatal(self.refusal(&what, status, code, &msg)),
+                None if status == 401 || status == 403 => {
+                    Attempt::Fatal(self.refusal(&what, status, UNAUTHORIZED, "no etcd error"))
+                }
                 None => Attempt::Retry(format!("HTTP {status} without an etcd error body")),
             }
         })?;
@@ -515,10 +546,33 @@ impl Client {
                 return Attempt::Ok(Written::Done);
             }
             match etcd_error(&body) {
-                Some((code, message)) => Attempt::Ok(Written::Rejected { code, message }),
+                Some((code, message)) if STATE_CODES.contains(&code) => {
+                    Attempt::Ok(Written::Rejected { code, message })
+                }
+                Some((code, message)) => Attempt::Fatal(self.refusal(what, status, code, &message)),
+                None if status == 401 || status == 403 => {
+                    Attempt::Fatal(self.refusal(what, status, UNAUTHORIZED, "no etcd error"))
+                }
                 None => Attempt::Retry(format!("HTTP {status} without an etcd error body")),
             }
         })
+    }
+
+    /// A refusal that is not about the key's state: credentials (exit 2) or anything else,
+    /// such as a value too large (exit 6), reported as etcd gave it.
+    fn refusal(&self, what: &str, status: u16, code: u64, message: &str) -> Error {
+        let text = format!(
+            "{what} on {} refused with HTTP {status}, etcd error {code}: {message}",
+            self.name()
+        );
+        if code == UNAUTHORIZED {
+            Error::Usage(format!(
+                "{text} (authentication failed or the user may not do this: check the user \
+                 and password for this side)"
+            ))
+        } else {
+            Error::Refused(text)
+        }
     }
 
     /// PUT a value (or a directory when `value` is `None`) under a condition.
@@ -530,7 +584,7 @@ impl Client {
         };
         cond_params(cond, &mut params);
         let url = self.url(key, &[]);
-        self.write("PUT", &url, Some(form(&params)), &format!("PUT {key}"))
+        self.write("PUT", &url, Some(form_body(&params)), &format!("PUT {key}"))
     }
 
     /// DELETE a value, or a directory (`dir`), recursively when asked, under a condition.
@@ -609,6 +663,42 @@ mod tests {
         cond_params(&Cond::Value("a&b".into()), &mut p);
         cond_params(&Cond::Absent, &mut p);
         assert_eq!(form(&p), "value=x%20y&prevValue=a%26b&prevExist=false");
+        assert_eq!(form_body(&p), "value=x%20y&prevValue=a%26b&prevExist=false");
+        assert_eq!(encode_body_value("é/?'\"\n;#+"), "é/?'\"%0A%3B%23%2B");
+    }
+
+    /// What a form parser (Go's url.ParseQuery, as etcd uses) reads back.
+    fn parse_form(body: &str) -> Vec<(String, String)> {
+        fn unescape(s: &str) -> String {
+            let mut out = Vec::new();
+            let mut bytes = s.bytes();
+            while let Some(b) = bytes.next() {
+                match b {
+                    b'+' => out.push(b' '),
+                    b'%' => {
+                        let hex: String = bytes.by_ref().take(2).map(char::from).collect();
+                        out.push(u8::from_str_radix(&hex, 16).unwrap());
+                    }
+                    b => out.push(b),
+                }
+            }
+            String::from_utf8(out).unwrap()
+        }
+        body.split(['&', ';'])
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap();
+                (unescape(k), unescape(v))
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn body_values_read_back_as_written(a in ".*", b in "\\PC*") {
+            let p = vec![("value", a.clone()), ("prevValue", b.clone())];
+            let back = parse_form(&form_body(&p));
+            proptest::prop_assert_eq!(back, vec![("value".into(), a), ("prevValue".into(), b)]);
+        }
     }
 
     #[test]

@@ -21,12 +21,9 @@ use std::time::Duration;
 use log::{debug, warn};
 
 use crate::error::{Error, Result};
-use crate::etcd::{Backoff, Client, Event, Next, Opened, Stream};
+use crate::etcd::{Backoff, Client, Event, Next, Opened, Stream, UNAUTHORIZED};
 use crate::keys::below;
 use crate::metrics;
-
-/// etcd's "insufficient credentials" error code: the root cannot be watched.
-const UNAUTHORIZED: u64 = 110;
 
 /// What the watch delivered that moves the replication index.
 #[derive(Debug)]

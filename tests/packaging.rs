@@ -170,7 +170,7 @@ fn unit_restart_policy_matches_exit_codes() {
     for want in [
         "Restart=on-failure",
         "RestartSec=5",
-        "RestartPreventExitStatus=2 3 4 5",
+        "RestartPreventExitStatus=2 3 4 5 6",
         "DynamicUser=yes",
         "EnvironmentFile=/etc/default/%N",
         "LoadCredential=src-password:/etc/%N/src-password",
