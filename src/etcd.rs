@@ -607,25 +607,30 @@ impl Client {
         self.write("DELETE", &url, None, &format!("DELETE {key}"))
     }
 
-    /// Watch `key` recursively from `wait_index`, as a stream or as one long poll. A read
-    /// of the body that gets no byte for `idle` ends with `Next::Quiet`.
+    /// Watch `key` recursively from `wait_index` (from now with `None`), as a stream or as
+    /// one long poll. A read of the body that gets no byte for `idle` ends with `Next::Quiet`.
     pub fn watch(
         &self,
         key: &str,
-        wait_index: u64,
+        wait_index: Option<u64>,
         idle: Duration,
         streamed: bool,
     ) -> Result<Opened> {
         let mut query = vec![
             ("wait", "true".to_string()),
             ("recursive", "true".to_string()),
-            ("waitIndex", wait_index.to_string()),
         ];
+        if let Some(i) = wait_index {
+            query.push(("waitIndex", i.to_string()));
+        }
         if streamed {
             query.push(("stream", "true".to_string()));
         }
         let url = self.url(key, &query);
-        let what = format!("watch {key} from {wait_index}");
+        let what = match wait_index {
+            Some(i) => format!("watch {key} from {i}"),
+            None => format!("watch {key} from now"),
+        };
         let (opened, _) = self.retrying(&what, || {
             let mut resp = match self.request("GET", &url, None, Some(idle)) {
                 Ok(r) => r,

@@ -123,7 +123,7 @@ impl<'a> Mirror<'a> {
             let (outcome, r) = exec(self.dst, op)?;
             retried |= r;
             let Outcome::Mismatch(found) = outcome else {
-                at += 1;
+                at = at.saturating_add(1);
                 continue;
             };
             // A crash (or a lost response) may have left any state this plan passes through.
@@ -154,7 +154,8 @@ impl<'a> Mirror<'a> {
         self.record(true)?;
         metrics::update(|s| {
             s.observe_write(started.elapsed());
-            *s.events_by_action.entry(ev.action.clone()).or_default() += 1;
+            let n = s.events_by_action.entry(ev.action.clone()).or_default();
+            *n = n.saturating_add(1);
         });
         Ok(())
     }

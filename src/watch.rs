@@ -13,6 +13,16 @@
 //!   headers, so only a body delayed longer than that could be missed; a shorter pause of the
 //!   network or the server is waited out. Only invisible writes (TTL refreshes, hidden keys)
 //!   and a watch limited to the prefix need this proof.
+//! - Behind the source (an event came from the history, after which etcd sends nothing more
+//!   on that stream), the mirror first registers a live stream from now (index x), then reads
+//!   the history up to x with long polls on the prefix, one per event under the prefix (the
+//!   history scan skips the rest). A poll whose first event is past x proves the rest up to
+//!   x; a poll with no event is a registration, proven only by `--watch-timeout` of silence.
+//!   Everything after x arrives on the live stream, so a busy source cannot outrun a distant
+//!   mirror that is catching up.
+//! - A live stream delivers no hidden keys (`_x`) and no TTL refreshes. When a live event
+//!   arrives after a gap in the index, the history of the gap is read first (it does hold
+//!   hidden keys), so that a hidden write's directories are created in order.
 //! - An answer that cannot be right (an event before N or out of order, a key the watch did
 //!   not ask about) is never applied: the watch is treated as broken and opened again.
 
@@ -54,7 +64,6 @@ struct Open {
     registered: u64,
     /// The last event it delivered.
     last: Option<u64>,
-    streamed: bool,
 }
 
 /// The source watch: opens, validates and renews watch responses.
@@ -66,15 +75,25 @@ pub struct Watch<'a> {
     /// How long silence must last to count as proof (`--watch-timeout`).
     hold: Duration,
     retry_timeout: Duration,
-    open: Option<Open>,
-    /// The last event came from the history: catch up with keep-alive long polls, since
-    /// etcd sends nothing after a history event on a stream.
-    behind: bool,
-    /// A live event that arrived after a gap in the index: the writes in between are
-    /// invisible to a live watch (hidden keys, TTL refreshes) but not to the history, which
-    /// is read first, so that a hidden write's directories are created in order.
+    /// The stream events arrive on.
+    live: Option<Open>,
+    /// Catching up: the live stream was registered at this index, and the events up to it
+    /// are read from the history first.
+    replay_to: Option<u64>,
+    /// A live event that arrived after a gap in the index, delivered once the history of
+    /// the gap has been read.
     pending: Option<Event>,
     broken: Option<Backoff>,
+}
+
+/// What one long poll on the history gave while catching up.
+enum Replay {
+    /// The next event under the prefix, up to the live stream's registration.
+    Event(Event),
+    /// No event under the prefix up to this index (at least the registration).
+    Through(u64),
+    /// The watch broke and is opened again from the index.
+    Broken,
 }
 
 /// Why an answer cannot be right, if it cannot.
@@ -110,8 +129,8 @@ impl<'a> Watch<'a> {
             prefix: prefix.to_string(),
             hold,
             retry_timeout,
-            open: None,
-            behind: false,
+            live: None,
+            replay_to: None,
             pending: None,
             broken: None,
         }
@@ -133,9 +152,23 @@ impl<'a> Watch<'a> {
                     Gap::Broken => continue,
                 }
             }
-            let mut open = match self.open.take() {
+            if let Some(x) = self.replay_to {
+                if index >= x {
+                    self.replay_to = None;
+                    continue;
+                }
+                match self.replay(index, x)? {
+                    Replay::Event(ev) => return Ok(Arrival::Event(ev)),
+                    Replay::Through(y) => {
+                        self.replay_to = None;
+                        return Ok(Arrival::Quiet(y));
+                    }
+                    Replay::Broken => continue,
+                }
+            }
+            let mut open = match self.live.take() {
                 Some(open) => open,
-                None => self.open(index)?,
+                None => self.open(Some(index.saturating_add(1)), index)?,
             };
             match open.stream.next() {
                 Ok(Next::Event(ev)) => {
@@ -144,36 +177,40 @@ impl<'a> Watch<'a> {
                         self.broke(why)?;
                         continue;
                     }
-                    let idx = ev.node.modified_index;
-                    let replayed = idx <= open.registered;
-                    if replayed {
-                        debug!("index {idx} was replayed from the history");
-                    } else {
-                        debug!("index {idx} arrived live");
-                    }
                     self.broken = None;
-                    self.behind = replayed;
-                    if open.streamed && !replayed {
+                    let idx = ev.node.modified_index;
+                    if idx <= index {
+                        // Already proven by the history read while catching up.
                         open.last = Some(idx);
-                        self.open = Some(open);
-                        if idx > index.saturating_add(1) {
-                            self.pending = Some(ev);
-                            continue;
-                        }
-                    } else if !open.streamed {
-                        open.stream.finish();
+                        self.live = Some(open);
+                        continue;
+                    }
+                    if idx <= open.registered {
+                        debug!("index {idx} was replayed from the history");
+                        // etcd sends nothing after a history event: catch up behind a live
+                        // registration.
+                        let live = self.open(None, idx)?;
+                        self.replay_to = Some(live.registered);
+                        self.live = Some(live);
+                        return Ok(Arrival::Event(ev));
+                    }
+                    debug!("index {idx} arrived live");
+                    open.last = Some(idx);
+                    self.live = Some(open);
+                    if idx > index.saturating_add(1) {
+                        self.pending = Some(ev);
+                        continue;
                     }
                     return Ok(Arrival::Event(ev));
                 }
                 Ok(Next::Quiet) => {
                     // Renewed from the next index: a new registration is also the proof for
-                    // writes no watch sees (TTL refreshes, hidden keys).
+                    // writes no live watch sees (TTL refreshes, hidden keys).
                     self.broken = None;
-                    self.behind = false;
                     return Ok(Arrival::Quiet(open.registered));
                 }
                 Ok(Next::Closed) => {
-                    // A proxy that ends polls early must not make us spin.
+                    // A proxy that ends watches early must not make us spin.
                     if open.last.is_none() {
                         std::thread::sleep(Duration::from_millis(50));
                     }
@@ -183,12 +220,64 @@ impl<'a> Watch<'a> {
         }
     }
 
+    /// One long poll on the prefix's history from `index + 1`, while the live stream
+    /// registered at `x` holds everything after `x`.
+    fn replay(&mut self, index: u64, x: u64) -> Result<Replay> {
+        let from = index.saturating_add(1);
+        let mut poll = match self.src.watch(&self.prefix, Some(from), self.hold, false)? {
+            Opened::Stream(poll) => poll,
+            Opened::Cleared(msg) => {
+                return Err(Error::IndexCleared(format!(
+                    "history from index {from} on {}: {msg}",
+                    self.src.name()
+                )))
+            }
+            Opened::Refused { code, message } => {
+                return Err(Error::Usage(format!(
+                    "watch {} on {} refused: etcd error {code}: {message}",
+                    self.prefix,
+                    self.src.name()
+                )))
+            }
+        };
+        let why = match poll.next() {
+            Ok(Next::Event(ev)) => match implausible(&ev, from, None, &self.prefix) {
+                Some(why) => why,
+                None if ev.node.modified_index <= x => {
+                    debug!(
+                        "index {} was replayed from the history",
+                        ev.node.modified_index
+                    );
+                    poll.finish();
+                    return Ok(Replay::Event(ev));
+                }
+                // Its first event is past `x`, so it is on the live stream as well.
+                None => {
+                    poll.finish();
+                    return Ok(Replay::Through(x));
+                }
+            },
+            Ok(Next::Quiet) => match poll.registered {
+                Some(y) => {
+                    debug!("no event under {} up to {y}", self.prefix);
+                    return Ok(Replay::Through(y.max(x)));
+                }
+                None => "a watch answer without X-Etcd-Index".to_string(),
+            },
+            Ok(Next::Closed) => "the history read ended without an answer".to_string(),
+            Err(why) => why,
+        };
+        warn!("history read on {} broke: {why}", self.src.name());
+        self.broke(why)?;
+        Ok(Replay::Broken)
+    }
+
     /// Read the history between `index` and the live event `live`, which arrived after a
     /// gap: one long poll per hidden write in it (a TTL refresh is in no answer at all).
     fn fill_gap(&mut self, index: u64, live: &Event) -> Result<Gap> {
         let from = index.saturating_add(1);
         let target = live.node.modified_index;
-        let mut poll = match self.src.watch(&self.key, from, self.hold, false)? {
+        let mut poll = match self.src.watch(&self.key, Some(from), self.hold, false)? {
             Opened::Stream(poll) => poll,
             Opened::Cleared(msg) => {
                 return Err(Error::IndexCleared(format!(
@@ -225,12 +314,11 @@ impl<'a> Watch<'a> {
         Ok(Gap::Broken)
     }
 
-    /// Open a watch from `index + 1`, after checking the index against the source's.
-    fn open(&mut self, index: u64) -> Result<Open> {
-        let from = index.saturating_add(1);
-        let streamed = !self.behind;
+    /// Open a stream from `from` (from now with `None`), after checking that the source
+    /// has not fallen behind `index`.
+    fn open(&mut self, from: Option<u64>, index: u64) -> Result<Open> {
         loop {
-            match self.src.watch(&self.key, from, self.hold, streamed)? {
+            match self.src.watch(&self.key, from, self.hold, true)? {
                 Opened::Stream(stream) => {
                     let Some(registered) = stream.registered else {
                         self.broke("a watch answer without X-Etcd-Index".into())?;
@@ -249,15 +337,15 @@ impl<'a> Watch<'a> {
                     }
                     return Ok(Open {
                         stream,
-                        from,
+                        from: from.unwrap_or_else(|| registered.saturating_add(1)),
                         registered,
                         last: None,
-                        streamed,
                     });
                 }
                 Opened::Cleared(msg) => {
                     return Err(Error::IndexCleared(format!(
-                        "watch from index {from} on {}: {msg}",
+                        "watch from index {} on {}: {msg}",
+                        index.saturating_add(1),
                         self.src.name()
                     )))
                 }
@@ -285,9 +373,9 @@ impl<'a> Watch<'a> {
 
     /// A watch broke (reset, garbage, an impossible answer): retry within the budget.
     fn broke(&mut self, why: String) -> Result<()> {
-        self.open = None;
+        self.live = None;
+        self.replay_to = None;
         self.pending = None;
-        self.behind = false;
         let backoff = self
             .broken
             .get_or_insert_with(|| Backoff::new(self.retry_timeout));
