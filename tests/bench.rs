@@ -39,6 +39,8 @@ const DST_PREFIX: &str = "/replica";
 const WINDOW: u64 = 1000;
 /// One-way delay of the distance proxy.
 const PROXY_DELAY: Duration = Duration::from_millis(15);
+/// One-way delay of the far proxy (a source in another region).
+const FAR_DELAY: Duration = Duration::from_millis(60);
 
 fn env_num<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -421,7 +423,7 @@ struct Row {
 
 /// Where the mirror reads the source from.
 struct Mode {
-    /// "loopback" or "distance".
+    /// "loopback", "distance" (15 ms each way) or "far" (60 ms each way).
     name: &'static str,
     src_url: String,
     proxy: Option<Proxy>,
@@ -658,6 +660,26 @@ impl Bench {
         self.mode_runs(&distance, &mut m);
         self.noise(&distance, &mut m);
         self.idle_cost(&distance, &mut m);
+        m.stop();
+        drop(m);
+
+        // Far: the source 60 ms away each way.
+        let far_proxy = Proxy::start(upstream, FAR_DELAY);
+        let far = Mode {
+            name: "far",
+            src_url: far_proxy.url(),
+            proxy: Some(far_proxy),
+            drain: Duration::from_secs(5),
+        };
+        self.say(&format!(
+            "far: source behind a TCP proxy on {} adding {} ms each way ({} ms round trip)",
+            far.src_url,
+            FAR_DELAY.as_millis(),
+            2 * FAR_DELAY.as_millis()
+        ));
+        let mut m = self.start_reload(&far);
+        self.mode_runs(&far, &mut m);
+        self.noise(&far, &mut m);
         m.stop();
         drop(m);
 
@@ -1225,7 +1247,7 @@ impl Bench {
     fn idle_cost(&mut self, mode: &Mode, m: &mut Proc) {
         let proxy = mode.proxy.as_ref().expect("idle cost needs the proxy");
         self.say(&format!(
-            "{}: idle cost: 20 s with no writes (requests counted by the proxy)",
+            "{}: idle cost: 60 s with no writes (requests counted by the proxy)",
             mode.name
         ));
         thread::sleep(Duration::from_secs(2));
@@ -1235,7 +1257,7 @@ impl Bench {
             m.cpu(),
         );
         let start = Instant::now();
-        thread::sleep(Duration::from_secs(20));
+        thread::sleep(Duration::from_secs(60));
         let secs = start.elapsed().as_secs_f64();
         let (g1, c1, cpu1) = (
             proxy.gets.load(Ordering::SeqCst),
@@ -1263,7 +1285,10 @@ impl Bench {
             "idle: requests/min to the source",
             format!("{per_min:.0} /min"),
             None,
-            format!("{} new connections in {secs:.0} s", c1 - c0),
+            format!(
+                "{:.1} new connections per minute",
+                (c1 - c0) as f64 * 60.0 / secs
+            ),
         );
         self.row(
             "idle: mirror RSS",
