@@ -1,7 +1,35 @@
 //! `--reload`: make the destination subtree an exact copy of the source by writing only the
-//! differences, each under a condition, so that readers never see the replica emptied.
+//! differences, each under a condition, so that readers never see the replica emptied; on a
+//! busy source, repeat the copy until it ends close enough to the source for replication to
+//! take over.
+//!
+//! Why replicating from the last pass's listing index `L` loses nothing and breaks nothing:
+//! - A pass lists the destination, then the source. A recursive GET is served under the
+//!   store's lock, so the source listing is the state at exactly its `X-Etcd-Index` `L`.
+//!   The destination is listed first because only this process writes there: its listing
+//!   is still true when the source is read, and the time it takes does not age `L`.
+//! - The pass writes the difference, each write conditional on the destination listing.
+//!   When every write succeeds, the keys the reload owns on the destination equal the
+//!   source's state at `L` (mapped and filtered). A later pass diffs again against a fresh
+//!   listing of both sides, so whatever an earlier pass wrote from an older listing is
+//!   either still right at the new `L` or rewritten by it: after the last pass, every owned
+//!   key holds its source state at the last `L`, none holds a state from after it.
+//! - Replication then starts at that `L`: it applies the source events after `L` in order,
+//!   each conditional on the key's state just before the event. For the first event on a
+//!   key that state is its state at `L`, which the destination holds, so every condition
+//!   holds, and every change after `L` is replayed, none twice.
+//! - Replication can only read events after `L` while they are in the source's history (its
+//!   last 1000 events, whole store). A pass ends by reading the source's index: at most
+//!   `MARGIN` events past `L` and replication starts from `L` (with the rest of the window
+//!   left for writing the index and registering the watch, a few requests); more, and
+//!   another pass lists again. Each later pass writes only what changed during the one
+//!   before, so passes get shorter until one ends inside the margin; after `MAX_PASSES`
+//!   the reload gives up (exit 4) rather than loop.
+//! - Exception, warned in the log: a destination directory the source lacks that still
+//!   holds keys the reload does not own (hidden or ignored) is left in place.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
@@ -9,7 +37,23 @@ use crate::cli::Config;
 use crate::dest::read_index;
 use crate::error::{Error, Result};
 use crate::etcd::{Client, Cond, Node, Written};
-use crate::keys::{below, Route, REPLICATION_DIR};
+use crate::keys::{below, join, Route, REPLICATION_DIR};
+use crate::plan::State;
+
+/// How many source events a pass may end past its listing for replication to start from
+/// that listing. The source keeps its last 1000 events; the other half of that window is
+/// for writing the index and registering the watch.
+pub const MARGIN: u64 = 500;
+
+/// Passes a reload makes before it gives up on a source that moves too fast.
+pub const MAX_PASSES: u32 = 20;
+
+/// A hidden key below the source prefix, read only for the `X-Etcd-Index` of the answer: it
+/// is normally absent, so the read is small whatever the size of the subtree.
+const PROBE: &str = "_etcdmirror_index_probe";
+
+/// etcd's "directory not empty".
+const DIR_NOT_EMPTY: u64 = 108;
 
 /// A key as seen in a tree listing: a value, or a directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +69,16 @@ impl Entry {
             Some(v) => Entry::Value(v),
         }
     }
+}
+
+/// A key's state (`None`: no key) in the words of the replication messages.
+fn describe(e: Option<&Entry>) -> String {
+    match e {
+        None => State::Absent,
+        Some(Entry::Dir) => State::Dir,
+        Some(Entry::Value(v)) => State::Value(v.clone()),
+    }
+    .describe()
 }
 
 /// What the reload will do, keyed by destination key. `modified` is the destination's
@@ -47,30 +101,68 @@ pub enum Step<'a> {
     Update(&'a str, &'a Entry, u64),
     /// Delete a value (under its modifiedIndex) or an empty directory (non-recursively).
     Delete(&'a str, &'a Entry, u64),
+    /// Delete a directory that becomes a value, with whatever is still below it: only keys
+    /// the reload does not own (hidden or ignored), since its own were deleted before. A
+    /// value cannot have children, and replication deletes such a directory the same way.
+    DeleteTree(&'a str),
+}
+
+impl Step<'_> {
+    pub fn key(&self) -> &str {
+        match self {
+            Step::Create(k, _) | Step::Update(k, _, _) | Step::Delete(k, _, _) => k,
+            Step::DeleteTree(k) => k,
+        }
+    }
+
+    /// What the key holds once the step is done (`None`: no key).
+    pub fn wants(&self) -> Option<&Entry> {
+        match self {
+            Step::Create(_, e) | Step::Update(_, e, _) => Some(e),
+            Step::Delete(..) | Step::DeleteTree(_) => None,
+        }
+    }
+
+    /// What the step expects to find, for messages.
+    fn expects(&self) -> String {
+        match self {
+            Step::Create(..) => describe(None),
+            Step::Update(_, _, mi) => format!("a value with modifiedIndex {mi}"),
+            Step::Delete(_, Entry::Value(_), mi) => format!("a value with modifiedIndex {mi}"),
+            Step::Delete(_, Entry::Dir, _) | Step::DeleteTree(_) => describe(Some(&Entry::Dir)),
+        }
+    }
 }
 
 impl Diff {
+    /// Keys the plan removes or replaces.
+    pub fn removed(&self) -> usize {
+        self.deletes.len().saturating_add(self.replaces.len())
+    }
+
     /// True when the plan deletes more than half of the destination's `existing` keys.
     pub fn deletes_too_much(&self, existing: usize) -> bool {
-        let removed = self.deletes.len().saturating_add(self.replaces.len());
-        existing > 0 && removed.saturating_mul(2) > existing
+        existing > 0 && self.removed().saturating_mul(2) > existing
     }
 
     /// The writes in the order `reload` performs them. On a destination that holds exactly
     /// the listed keys, each step's condition holds when it runs and the result is `want`:
     /// a value becoming a directory goes first, since keys are created below it; creates
     /// go parents first; a directory becoming a value goes last, once the deletes (children
-    /// first) have emptied it. New keys appear before old ones go.
+    /// first) have emptied it of the keys the reload owns. New keys appear before old ones
+    /// go. Every intermediate state is a tree that a new listing diffs again, so a reload
+    /// stopped after any step is finished by running it again.
     pub fn steps(&self) -> Vec<Step<'_>> {
-        fn replace((key, old, new, mi): &(String, Entry, Entry, u64)) -> [Step<'_>; 2] {
-            [Step::Delete(key, old, *mi), Step::Create(key, new)]
-        }
         let (to_dirs, to_values): (Vec<_>, Vec<_>) = self
             .replaces
             .iter()
             .partition(|(_, _, new, _)| *new == Entry::Dir);
         let mut steps = Vec::new();
-        steps.extend(to_dirs.into_iter().flat_map(replace));
+        steps.extend(
+            to_dirs
+                .into_iter()
+                .flat_map(|(k, old, new, mi)| [Step::Delete(k, old, *mi), Step::Create(k, new)]),
+        );
         steps.extend(self.creates.iter().map(|(k, e)| Step::Create(k, e)));
         steps.extend(
             self.updates
@@ -82,7 +174,11 @@ impl Diff {
                 .iter()
                 .map(|(k, e, mi)| Step::Delete(k, e, *mi)),
         );
-        steps.extend(to_values.into_iter().flat_map(replace));
+        steps.extend(
+            to_values
+                .into_iter()
+                .flat_map(|(k, _, new, _)| [Step::DeleteTree(k), Step::Create(k, new)]),
+        );
         steps
     }
 
@@ -121,6 +217,48 @@ pub fn diff(want: &BTreeMap<String, Entry>, have: &BTreeMap<String, (Entry, u64)
     d
 }
 
+/// What follows a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Record the pass's listing index and replicate from it.
+    Replicate,
+    /// List and diff again.
+    Again,
+    /// The source moves too fast for a reload to catch up.
+    GiveUp,
+}
+
+/// What follows pass number `pass` (from 1), whose source listing was at index `listed`,
+/// when the source's index was `head` once its writes were done. A head below the listing
+/// (a source restored meanwhile) replicates: the watch then stops on the index ahead.
+pub fn after_pass(pass: u32, listed: u64, head: u64) -> Next {
+    if head.saturating_sub(listed) <= MARGIN {
+        Next::Replicate
+    } else if pass >= MAX_PASSES {
+        Next::GiveUp
+    } else {
+        Next::Again
+    }
+}
+
+/// True for the etcd error codes that describe the key's state: not found (100), compare
+/// failed (101), not a file (102), not a directory (104), already exists (105), directory
+/// not empty (108). Any other refusal (a value too large, credentials, a malformed request)
+/// says nothing about the key, so it is no inconsistency.
+pub fn about_state(code: u64) -> bool {
+    matches!(code, 100 | 101 | 102 | 104 | 105 | DIR_NOT_EMPTY)
+}
+
+/// Why the mass-delete guard refuses a plan that removes `removed` of the `existing` keys.
+fn mass_delete(removed: usize, existing: usize, root: &str, dst: &str, prefix: &str) -> String {
+    format!(
+        "the plan deletes {removed} of the {existing} keys under {root} on \
+         {dst} (more than half). This looks like the source lost most of its keys (a mass TTL \
+         expiry, a restore from an old backup) or like a wrong --src-prefix (now {prefix}). \
+         Run with --reload --dry-run to see the plan; add --force to run it anyway"
+    )
+}
+
 /// The source tree as it must appear on the destination (mapped keys, filtered).
 fn wanted(cfg: &Config, root: Option<Node>) -> BTreeMap<String, Entry> {
     let mut out = BTreeMap::new();
@@ -152,6 +290,45 @@ fn existing(cfg: &Config, root: Option<Node>) -> BTreeMap<String, (Entry, u64)> 
     out
 }
 
+/// Both sides as one pass sees them.
+struct Listing {
+    want: BTreeMap<String, Entry>,
+    have: BTreeMap<String, (Entry, u64)>,
+    /// The source's `X-Etcd-Index`: `want` is its state at exactly this index.
+    index: u64,
+    src_cluster: Option<String>,
+    dst_cluster: Option<String>,
+    /// The source prefix was a directory (where the index probe can go below it).
+    src_dir: bool,
+}
+
+/// List the destination, then the source (see the top of this file for why in this order).
+/// One listing at a time: each is reduced to a flat map before the next is read.
+fn list(cfg: &Config, src: &Client, dst: &Client) -> Result<Listing> {
+    let mut current = dst.get(&cfg.keys.dst_root(), true)?;
+    let have = existing(cfg, current.node.take());
+    let mut snapshot = src.get(&cfg.keys.src_prefix, true)?;
+    let src_dir = snapshot.node.as_ref().is_some_and(Node::is_dir);
+    Ok(Listing {
+        want: wanted(cfg, snapshot.node.take()),
+        have,
+        index: snapshot.index,
+        src_cluster: snapshot.cluster_id,
+        dst_cluster: current.cluster_id,
+        src_dir,
+    })
+}
+
+/// The source's current index, without listing the subtree again.
+fn head(src: &Client, prefix: &str, prefix_is_dir: bool) -> Result<u64> {
+    let key = if prefix_is_dir {
+        join(prefix, PROBE)
+    } else {
+        prefix.to_string()
+    };
+    Ok(src.get(&key, false)?.index)
+}
+
 fn print_plan(d: &Diff) {
     println!("reload plan: {}", d.summary());
     for (k, _) in &d.creates {
@@ -168,116 +345,180 @@ fn print_plan(d: &Diff) {
     }
 }
 
-fn refused(why: String) -> Error {
-    Error::Usage(format!(
-        "refusing to --reload: {why}; add --force if this is really what you want"
-    ))
+/// Why the guards refuse this reload without `--force`, if they do.
+fn guard(cfg: &Config, l: &Listing, d: &Diff, src: &Client, dst: &Client) -> Option<String> {
+    if cfg.force {
+        return None;
+    }
+    if l.src_cluster.is_some() && l.src_cluster == l.dst_cluster {
+        return Some(format!(
+            "{} and {} are the same cluster (X-Etcd-Cluster-Id {}); \
+             add --force if this is really what you want",
+            src.name(),
+            dst.name(),
+            l.src_cluster.as_deref().unwrap_or_default()
+        ));
+    }
+    d.deletes_too_much(l.have.len()).then(|| {
+        mass_delete(
+            d.removed(),
+            l.have.len(),
+            &cfg.keys.dst_root(),
+            dst.name(),
+            &cfg.keys.src_prefix,
+        )
+    })
 }
 
-fn check(dst: &Client, key: &str, w: (Written, bool)) -> Result<()> {
-    match w.0 {
-        Written::Done => Ok(()),
-        Written::Rejected { code, message } => Err(Error::Inconsistency {
-            key: key.to_string(),
-            source: "the state read at the start of the reload".into(),
-            destination: format!(
-                "changed during the reload (etcd {code}: {message}) on {}",
-                dst.name()
-            ),
-        }),
+/// Run the reload. Returns the source index to replicate from, or `None` for a dry run.
+pub fn reload(cfg: &Config, src: &Client, dst: &Client) -> Result<Option<u64>> {
+    let started = Instant::now();
+    let index_key = cfg.keys.index_key();
+    let mut pass: u32 = 1;
+    loop {
+        let l = list(cfg, src, dst)?;
+        let d = diff(&l.want, &l.have);
+        info!(
+            "reload of {} from {} at index {} onto {}{} (pass {pass}): {}",
+            cfg.keys.src_prefix,
+            src.name(),
+            l.index,
+            dst.name(),
+            cfg.keys.dst_root(),
+            d.summary()
+        );
+        if pass == 1 {
+            let refusal = guard(cfg, &l, &d, src, dst);
+            if cfg.dry_run {
+                print_plan(&d);
+                if let Some(why) = refusal {
+                    println!("--reload without --force would refuse: {why}");
+                }
+                return Ok(None);
+            }
+            if let Some(why) = refusal {
+                return Err(Error::Usage(format!("refusing to --reload: {why}")));
+            }
+            // From here on a crash leaves no index: only another --reload can follow, and
+            // it finishes the job, since it diffs whatever state this one left.
+            if let Some((old, mi)) = read_index(dst, &index_key)? {
+                info!("removing the replication index {index_key} (was {old}) before reloading");
+                let old = Entry::Value(old.to_string());
+                write(dst, Step::Delete(&index_key, &old, mi), l.index)?;
+            }
+        }
+        apply(dst, &d, l.index, pass)?;
+        let now = head(src, &cfg.keys.src_prefix, l.src_dir)?;
+        let behind = now.saturating_sub(l.index);
+        match after_pass(pass, l.index, now) {
+            Next::Replicate => {
+                let value = Entry::Value(l.index.to_string());
+                write(dst, Step::Create(&index_key, &value), l.index)?;
+                info!(
+                    "reload done in {:.1?}, passes: {pass} (the last one: {}; the source was \
+                     {behind} events past its listing)",
+                    started.elapsed(),
+                    d.summary()
+                );
+                crate::metrics::update(|s| s.observe_load(started.elapsed()));
+                return Ok(Some(l.index));
+            }
+            Next::Again => {
+                info!(
+                    "the source moved {behind} events past index {} during pass {pass} (more \
+                     than {MARGIN}): listing again",
+                    l.index
+                );
+                pass = pass.saturating_add(1);
+            }
+            Next::GiveUp => {
+                return Err(Error::IndexCleared(format!(
+                    "--reload could not catch up with {}: after {MAX_PASSES} passes the source \
+                     was still {behind} events past the last listing (index {}), more than the \
+                     {MARGIN} that leave replication time to start inside the source's \
+                     1000-event history. The replica holds the source's state at index {} but \
+                     no replication index; run the reload again when the source is quieter",
+                    src.name(),
+                    l.index,
+                    l.index
+                )));
+            }
+        }
     }
 }
 
-fn write_entry(dst: &Client, key: &str, entry: &Entry, cond: &Cond) -> Result<()> {
+/// Write a pass's plan, with a progress line every 10 s for big ones.
+fn apply(dst: &Client, d: &Diff, listed: u64, pass: u32) -> Result<()> {
+    let steps = d.steps();
+    let mut said = Instant::now();
+    for (done, step) in steps.iter().enumerate() {
+        if said.elapsed() >= Duration::from_secs(10) {
+            info!("reload pass {pass}: {done} of {} writes done", steps.len());
+            said = Instant::now();
+        }
+        write(dst, *step, listed)?;
+    }
+    Ok(())
+}
+
+/// Perform one step. A refusal is accepted when the key already holds what the step wanted:
+/// a write retried after a lost response finds its own first attempt.
+fn write(dst: &Client, step: Step, listed: u64) -> Result<()> {
+    let (written, _) = match step {
+        Step::Create(key, entry) => put(dst, key, entry, &Cond::Absent)?,
+        Step::Update(key, entry, mi) => put(dst, key, entry, &Cond::Index(mi))?,
+        Step::Delete(key, Entry::Value(_), mi) => {
+            dst.delete(key, false, false, &Cond::Index(mi))?
+        }
+        Step::Delete(key, Entry::Dir, _) => dst.delete(key, true, false, &Cond::None)?,
+        Step::DeleteTree(key) => dst.delete(key, true, true, &Cond::None)?,
+    };
+    let Written::Rejected { code, message } = written else {
+        return Ok(());
+    };
+    let key = step.key();
+    if let (Step::Delete(_, Entry::Dir, _), DIR_NOT_EMPTY) = (step, code) {
+        warn!(
+            "left directory {key} in place: it still holds keys the reload does not own \
+             (hidden or ignored): {message} (etcd {code})"
+        );
+        return Ok(());
+    }
+    if !about_state(code) {
+        return Err(Error::Usage(format!(
+            "--reload: {} refused the write of {key} with etcd error {code}: {message}. This \
+             refusal is not about the key's state, so nothing is inconsistent; fix its cause, \
+             then run --reload again",
+            dst.name()
+        )));
+    }
+    let found = dst.get(key, false)?.node.map(Entry::of);
+    if found.as_ref() == step.wants() {
+        info!(
+            "{key} already holds {} (etcd {code} on the write): an earlier attempt landed; \
+             going on",
+            describe(found.as_ref())
+        );
+        return Ok(());
+    }
+    Err(Error::Inconsistency {
+        key: format!("{key} (during --reload)"),
+        source: format!("{} at index {listed}", describe(step.wants())),
+        destination: format!(
+            "{} while the reload expected {} (etcd {code}: {message}); another writer \
+             changed it during the reload",
+            describe(found.as_ref()),
+            step.expects()
+        ),
+    })
+}
+
+fn put(dst: &Client, key: &str, entry: &Entry, cond: &Cond) -> Result<(Written, bool)> {
     let value = match entry {
         Entry::Dir => None,
         Entry::Value(v) => Some(v.as_str()),
     };
-    check(dst, key, dst.put(key, value, cond)?)
-}
-
-/// Run the reload. Returns the source snapshot index to replicate from, or `None` for a dry run.
-pub fn reload(cfg: &Config, src: &Client, dst: &Client) -> Result<Option<u64>> {
-    let started = std::time::Instant::now();
-    let dst_root = cfg.keys.dst_root();
-    // One listing at a time: each is reduced to a flat map before the next is read.
-    let mut snapshot = src.get(&cfg.keys.src_prefix, true)?;
-    let want = wanted(cfg, snapshot.node.take());
-    let mut current = dst.get(&dst_root, true)?;
-    let have = existing(cfg, current.node.take());
-    let d = diff(&want, &have);
-    info!(
-        "reload of {} from {} at index {} onto {}{dst_root}: {}",
-        cfg.keys.src_prefix,
-        src.name(),
-        snapshot.index,
-        dst.name(),
-        d.summary()
-    );
-    if cfg.dry_run {
-        print_plan(&d);
-    }
-    if !cfg.force {
-        if snapshot.cluster_id.is_some() && snapshot.cluster_id == current.cluster_id {
-            return Err(refused(format!(
-                "{} and {} are the same cluster (X-Etcd-Cluster-Id {})",
-                src.name(),
-                dst.name(),
-                snapshot.cluster_id.unwrap_or_default()
-            )));
-        }
-        if d.deletes_too_much(have.len()) {
-            return Err(refused(format!(
-                "the plan deletes {} of the {} keys under {dst_root} on the destination (more than half)",
-                d.deletes.len().saturating_add(d.replaces.len()),
-                have.len()
-            )));
-        }
-    }
-    if cfg.dry_run {
-        return Ok(None);
-    }
-    // From here on a crash leaves no index: only another --reload can follow.
-    let index_key = cfg.keys.index_key();
-    if let Some((old, mi)) = read_index(dst, &index_key)? {
-        info!("removing the replication index {index_key} (was {old}) before reloading");
-        check(
-            dst,
-            &index_key,
-            dst.delete(&index_key, false, false, &Cond::Index(mi))?,
-        )?;
-    }
-    for step in d.steps() {
-        match step {
-            Step::Create(key, entry) => write_entry(dst, key, entry, &Cond::Absent)?,
-            Step::Update(key, entry, mi) => write_entry(dst, key, entry, &Cond::Index(mi))?,
-            Step::Delete(key, entry, mi) => delete_entry(dst, key, entry, mi)?,
-        }
-    }
-    write_entry(
-        dst,
-        &index_key,
-        &Entry::Value(snapshot.index.to_string()),
-        &Cond::Absent,
-    )?;
-    info!("reload done in {:.1?}: {}", started.elapsed(), d.summary());
-    crate::metrics::update(|s| s.observe_load(started.elapsed()));
-    Ok(Some(snapshot.index))
-}
-
-/// Delete one key. Directories go non-recursively (children were deleted first), so one that
-/// still holds hidden or ignored keys stays, with a warning.
-fn delete_entry(dst: &Client, key: &str, entry: &Entry, mi: u64) -> Result<()> {
-    match entry {
-        Entry::Value(_) => check(dst, key, dst.delete(key, false, false, &Cond::Index(mi))?),
-        Entry::Dir => match dst.delete(key, true, false, &Cond::None)?.0 {
-            Written::Done => Ok(()),
-            Written::Rejected { code, message } => {
-                warn!("left directory {key} in place: {message} (etcd {code})");
-                Ok(())
-            }
-        },
-    }
+    dst.put(key, value, cond)
 }
 
 #[cfg(test)]
@@ -345,9 +586,83 @@ mod tests {
         assert!(!diff(&want, &have).deletes_too_much(have.len()));
     }
 
+    #[test]
+    fn a_directory_that_becomes_a_value_goes_with_what_is_left_below_it() {
+        let want: BTreeMap<String, Entry> = [("/r/e".to_string(), v("2"))].into();
+        let have: BTreeMap<String, (Entry, u64)> = [
+            ("/r/e".to_string(), (Entry::Dir, 1)),
+            ("/r/e/y".to_string(), (Entry::Dir, 2)),
+            ("/r/e/y/z".to_string(), (v("1"), 3)),
+        ]
+        .into();
+        let d = diff(&want, &have);
+        let two = v("2");
+        let (dir, one) = (Entry::Dir, v("1"));
+        assert_eq!(
+            d.steps(),
+            vec![
+                Step::Delete("/r/e/y/z", &one, 3),
+                Step::Delete("/r/e/y", &dir, 2),
+                Step::DeleteTree("/r/e"),
+                Step::Create("/r/e", &two),
+            ]
+        );
+    }
+
+    #[test]
+    fn what_each_step_wants() {
+        let (dir, one) = (Entry::Dir, v("1"));
+        assert_eq!(Step::Create("/k", &dir).wants(), Some(&dir));
+        assert_eq!(Step::Update("/k", &one, 4).wants(), Some(&one));
+        assert_eq!(Step::Delete("/k", &one, 4).wants(), None);
+        assert_eq!(Step::DeleteTree("/k").wants(), None);
+        assert_eq!(Step::DeleteTree("/k").key(), "/k");
+        assert!(Step::Update("/k", &one, 4).expects().contains('4'));
+    }
+
+    #[test]
+    fn only_state_refusals_can_be_inconsistencies() {
+        for code in [100, 101, 102, 104, 105, 108] {
+            assert!(about_state(code), "{code}");
+        }
+        // bad form, POST too large, unauthorized, raft/internal, index cleared
+        for code in [0, 103, 106, 107, 110, 201, 209, 210, 300, 400, 401] {
+            assert!(!about_state(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn a_pass_ends_inside_the_margin_or_goes_again_until_the_bound() {
+        assert_eq!(after_pass(1, 1000, 1000), Next::Replicate);
+        assert_eq!(after_pass(1, 1000, 1000 + MARGIN), Next::Replicate);
+        assert_eq!(after_pass(1, 1000, 1001 + MARGIN), Next::Again);
+        assert_eq!(after_pass(MAX_PASSES - 1, 0, 5000), Next::Again);
+        assert_eq!(after_pass(MAX_PASSES, 0, 5000), Next::GiveUp);
+        assert_eq!(after_pass(MAX_PASSES, 0, 10), Next::Replicate);
+        assert_eq!(after_pass(3, 5000, 10), Next::Replicate);
+    }
+
+    #[test]
+    fn the_mass_delete_refusal_says_why_and_what_to_run() {
+        let m = mass_delete(30, 40, "/replica", "http://dst:2379", "/app");
+        for needle in [
+            "30 of the 40 keys",
+            "/replica",
+            "http://dst:2379",
+            "TTL expiry",
+            "--src-prefix",
+            "/app",
+            "--reload --dry-run",
+            "--force",
+        ] {
+            assert!(m.contains(needle), "{needle:?} missing from {m:?}");
+        }
+    }
+
     mod props {
         use super::*;
         use proptest::prelude::*;
+        use std::collections::BTreeSet;
 
         const ROOT: &str = "/r";
 
@@ -485,40 +800,150 @@ mod tests {
             }
 
             /// The steps, run on a model of etcd (a key needs its parent directory, a
-            /// directory goes only once empty, conditions checked), end in `want`.
+            /// directory goes only once empty, conditions checked), end in `want`, even
+            /// where a directory that becomes a value holds keys the reload does not own.
             #[test]
             fn steps_run_on_a_tree((want, have) in tree_pair()) {
                 let d = diff(&want, &have);
                 let mut now = have.clone();
-                let mut next_mi = u64::MAX / 2;
-                for step in d.steps() {
-                    match step {
-                        Step::Create(k, e) => {
-                            prop_assert!(!now.contains_key(k), "{:?}: exists", step);
-                            let p = parent(k);
-                            prop_assert!(p == ROOT || now.get(p).is_some_and(|(e, _)| *e == Entry::Dir), "{:?}: parent {} is {:?}", step, p, now.get(p));
-                            next_mi += 1;
-                            now.insert(k.to_string(), (e.clone(), next_mi));
-                        }
-                        Step::Update(k, e, mi) => {
-                            prop_assert!(matches!(now.get(k), Some((Entry::Value(_), m)) if *m == mi), "{:?}: found {:?}", step, now.get(k));
-                            next_mi += 1;
-                            now.insert(k.to_string(), (e.clone(), next_mi));
-                        }
-                        Step::Delete(k, Entry::Dir, _) => {
-                            prop_assert!(now.get(k).is_some_and(|(e, _)| *e == Entry::Dir), "{:?}: found {:?}", step, now.get(k));
-                            let child = now.keys().find(|c| is_ancestor(k, c));
-                            prop_assert!(child.is_none(), "{:?}: {:?} still below", step, child);
-                            now.remove(k);
-                        }
-                        Step::Delete(k, e, mi) => {
-                            prop_assert_eq!(now.remove(k), Some((e.clone(), mi)), "{:?}", step);
-                        }
-                    }
-                }
+                let mut unowned: BTreeSet<String> = have
+                    .iter()
+                    .filter(|(k, (e, _))| *e == Entry::Dir && matches!(want.get(*k), Some(Entry::Value(_))))
+                    .map(|(k, _)| format!("{k}/_hidden"))
+                    .collect();
+                run_steps(&mut now, &mut unowned, &d.steps())?;
+                prop_assert!(unowned.is_empty(), "left {:?}", unowned);
                 let now: BTreeMap<String, Entry> = now.into_iter().map(|(k, (e, _))| (k, e)).collect();
                 prop_assert_eq!(now, want);
             }
+
+            /// The argument at the top of the file, on a model: passes list the source at
+            /// ever later indexes and write their diffs; replication from the last pass's
+            /// listing index then finds every event's pre-state and ends equal to the source.
+            #[test]
+            fn replication_from_the_last_listing_finds_every_pre_state(
+                history in proptest::collection::vec((flat_key(), proptest::option::of(value())), 0..40),
+                start in proptest::collection::btree_map(flat_key(), value(), 0..4),
+                cuts in proptest::collection::vec(0..=40usize, 1..5),
+            ) {
+                let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(history.len())).collect();
+                cuts.sort_unstable();
+                let mut dst = with_indexes(start.into_iter().map(|(k, v)| (k, Entry::Value(v))).collect());
+                let mut unowned = BTreeSet::new();
+                for &listed in &cuts {
+                    let want = source_at(&history, listed);
+                    let d = diff(&want, &dst);
+                    run_steps(&mut dst, &mut unowned, &d.steps())?;
+                }
+                let last = cuts.last().copied().unwrap_or(0);
+                for (i, (key, new)) in history.iter().enumerate().skip(last) {
+                    let pre = source_at(&history, i).get(key).cloned();
+                    let found = dst.get(key).map(|(e, _)| e.clone());
+                    prop_assert_eq!(&found, &pre, "event {} on {} finds the wrong pre-state", i + 1, key);
+                    match new {
+                        Some(v) => dst.insert(key.clone(), (Entry::Value(v.clone()), 0)),
+                        None => dst.remove(key),
+                    };
+                }
+                let end: BTreeMap<String, Entry> = dst.into_iter().map(|(k, (e, _))| (k, e)).collect();
+                prop_assert_eq!(end, source_at(&history, history.len()));
+            }
+
+            #[test]
+            fn a_pass_replicates_only_inside_the_margin(pass in 1..=MAX_PASSES + 2, listed: u64, ahead in 0..2000u64) {
+                let head = listed.saturating_add(ahead);
+                let next = after_pass(pass, listed, head);
+                let inside = head - listed <= MARGIN;
+                prop_assert_eq!(next == Next::Replicate, inside);
+                prop_assert_eq!(next == Next::GiveUp, !inside && pass >= MAX_PASSES);
+                // A head below the listing (a restored source) is left to the watch.
+                prop_assert_eq!(after_pass(pass, listed, listed.saturating_sub(ahead)), Next::Replicate);
+            }
+        }
+
+        fn flat_key() -> impl Strategy<Value = String> {
+            proptest::sample::select(vec!["a", "b", "c"]).prop_map(|k| format!("{ROOT}/{k}"))
+        }
+
+        fn value() -> impl Strategy<Value = String> {
+            proptest::sample::select(vec!["", "1", "2"]).prop_map(str::to_string)
+        }
+
+        /// The source after its first `n` events.
+        fn source_at(history: &[(String, Option<String>)], n: usize) -> BTreeMap<String, Entry> {
+            let mut s = BTreeMap::new();
+            for (k, v) in history.iter().take(n) {
+                match v {
+                    Some(v) => s.insert(k.clone(), Entry::Value(v.clone())),
+                    None => s.remove(k),
+                };
+            }
+            s
+        }
+
+        /// Run steps on a model of etcd: `now` the keys the reload owns, `unowned` keys
+        /// below them that it does not (hidden or ignored).
+        fn run_steps(
+            now: &mut BTreeMap<String, (Entry, u64)>,
+            unowned: &mut BTreeSet<String>,
+            steps: &[Step<'_>],
+        ) -> std::result::Result<(), TestCaseError> {
+            let mut next_mi = u64::MAX / 2;
+            for &step in steps {
+                match step {
+                    Step::Create(k, e) => {
+                        prop_assert!(!now.contains_key(k), "{:?}: exists", step);
+                        let p = parent(k);
+                        prop_assert!(
+                            p == ROOT || now.get(p).is_some_and(|(e, _)| *e == Entry::Dir),
+                            "{:?}: parent {} is {:?}",
+                            step,
+                            p,
+                            now.get(p)
+                        );
+                        next_mi += 1;
+                        now.insert(k.to_string(), (e.clone(), next_mi));
+                    }
+                    Step::Update(k, e, mi) => {
+                        prop_assert!(
+                            matches!(now.get(k), Some((Entry::Value(_), m)) if *m == mi),
+                            "{:?}: found {:?}",
+                            step,
+                            now.get(k)
+                        );
+                        next_mi += 1;
+                        now.insert(k.to_string(), (e.clone(), next_mi));
+                    }
+                    Step::Delete(k, Entry::Dir, _) => {
+                        prop_assert!(
+                            now.get(k).is_some_and(|(e, _)| *e == Entry::Dir),
+                            "{:?}: found {:?}",
+                            step,
+                            now.get(k)
+                        );
+                        let child = now.keys().chain(unowned.iter()).find(|c| is_ancestor(k, c));
+                        prop_assert!(child.is_none(), "{:?}: {:?} still below", step, child);
+                        now.remove(k);
+                    }
+                    Step::Delete(k, e, mi) => {
+                        prop_assert_eq!(now.remove(k), Some((e.clone(), mi)), "{:?}", step);
+                    }
+                    Step::DeleteTree(k) => {
+                        prop_assert!(
+                            now.get(k).is_some_and(|(e, _)| *e == Entry::Dir),
+                            "{:?}: found {:?}",
+                            step,
+                            now.get(k)
+                        );
+                        // Its own keys were deleted before, one by one under their conditions.
+                        let child = now.keys().find(|c| is_ancestor(k, c));
+                        prop_assert!(child.is_none(), "{:?}: owned {:?} still below", step, child);
+                        now.remove(k);
+                        unowned.retain(|c| !is_ancestor(k, c));
+                    }
+                }
+            }
+            Ok(())
         }
     }
 }
