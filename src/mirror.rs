@@ -80,7 +80,8 @@ impl<'a> Mirror<'a> {
     fn apply(&mut self, ev: Event) -> Result<()> {
         let idx = ev.node.modified_index;
         let src_key = ev.node.key.clone();
-        let (plan, dst_key) = match self.keys.route(&src_key) {
+        // `replicated`: the event itself is written (not only a skipped key's directory).
+        let (plan, dst_key, replicated) = match self.keys.route(&src_key) {
             Route::Skip(why) => {
                 debug!(
                     "Skipping key {src_key} at index {idx} ({}): {why}",
@@ -97,11 +98,12 @@ impl<'a> Mirror<'a> {
                     self.index = idx.max(self.index);
                     return self.record(false);
                 };
-                (plan_parent(&dir), dir)
+                debug!("{dir} must exist: {src_key} was written below it");
+                (plan_parent(&dir), dir, false)
             }
             Route::Subtree => {
                 let root = self.keys.dst_root();
-                (plan_subtree_event(&ev, &root), root)
+                (plan_subtree_event(&ev, &root), root, true)
             }
             Route::Mirror(dst) => {
                 let plan = plan_event(&ev, &dst).map_err(|why| Error::Inconsistency {
@@ -113,7 +115,7 @@ impl<'a> Mirror<'a> {
                     "Replicating key {src_key} at index {idx} ({} -> {dst})",
                     ev.action
                 );
-                (plan, dst)
+                (plan, dst, true)
             }
         };
         let started = Instant::now();
@@ -152,6 +154,9 @@ impl<'a> Mirror<'a> {
         self.first = false;
         self.index = idx.max(self.index);
         self.record(true)?;
+        if !replicated {
+            return Ok(());
+        }
         metrics::update(|s| {
             s.observe_write(started.elapsed());
             let n = s.events_by_action.entry(ev.action.clone()).or_default();

@@ -485,10 +485,9 @@ fn write(dst: &Client, step: Step, listed: u64) -> Result<()> {
         return Ok(());
     }
     if !about_state(code) {
-        return Err(Error::Usage(format!(
-            "--reload: {} refused the write of {key} with etcd error {code}: {message}. This \
-             refusal is not about the key's state, so nothing is inconsistent; fix its cause, \
-             then run --reload again",
+        return Err(Error::Refused(format!(
+            "--reload: {} refused the write of {key} with etcd error {code}: {message}; run \
+             --reload again once it is fixed",
             dst.name()
         )));
     }
