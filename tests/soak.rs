@@ -34,7 +34,7 @@ fn one_write(c: &Client, rng: &mut Rng, inside: bool, n: u64) {
     let d = rng.below(6);
     let k = rng.below(8);
     let key = format!("/s/d{d}/k{k}");
-    match rng.below(20) {
+    match rng.below(23) {
         0..=5 => {
             c.set(&key, &format!("v{n}"));
         }
@@ -70,7 +70,7 @@ fn one_write(c: &Client, rng: &mut Rng, inside: bool, n: u64) {
             c.post("/s/queue", &[("value", &n.to_string())]);
         }
         14 => {
-            c.mkdir(&format!("/s/d{d}/sub{k}"));
+            c.put(&format!("/s/d{d}/sub{k}"), &[("dir", "true")]);
         }
         15 => {
             c.set(&format!("/s/d{d}/_lock{k}"), "hidden");
@@ -80,6 +80,21 @@ fn one_write(c: &Client, rng: &mut Rng, inside: bool, n: u64) {
         }
         17 => {
             c.delete("/s/queue", &[("recursive", "true")]);
+        }
+        // A value replaced by a directory (two destination writes).
+        19 => {
+            c.put(&key, &[("dir", "true")]);
+        }
+        // Big values: their conditions travel as the destination's modifiedIndex.
+        20 => {
+            let len = [4 << 10, 64 << 10, 1 << 20][rng.below(3) as usize];
+            c.set(
+                &format!("/s/big{}", k % 3),
+                &"b".repeat(len + n as usize % 7),
+            );
+        }
+        21 => {
+            c.delete(&format!("/s/big{}", k % 3), &[]);
         }
         _ => {
             c.set(&format!("/s/d{d}/sub{k}/x"), &n.to_string());
@@ -119,6 +134,7 @@ struct Tally {
     dst_restarts: u64,
     exits: BTreeMap<i32, u64>,
     reloads: u64,
+    load_reloads: u64,
     bad_exits: Vec<String>,
 }
 
@@ -150,6 +166,14 @@ fn restart_after_exit(code: i32, m: &mut Mirror, proxy: &Proxy, dst: &Etcd, t: &
         }
     };
     *m = start(proxy, dst, reload);
+}
+
+/// Restart the mirror with --reload while the writers go on (a reload under load).
+fn reload_under_load(m: &mut Mirror, proxy: &Proxy, dst: &Etcd, t: &mut Tally) {
+    m.kill();
+    t.reloads += 1;
+    t.load_reloads += 1;
+    *m = start(proxy, dst, true);
 }
 
 fn checkpoint(plan: &Plan, src: &Etcd, dst: &Etcd, m: &mut Mirror, proxy: &Proxy, t: &mut Tally) {
@@ -277,6 +301,11 @@ fn main() {
                 _ => {}
             }
             if Instant::now() >= next_checkpoint {
+                if t.checkpoints % 3 == 2 {
+                    plan.rate.store(200, Ordering::SeqCst);
+                    reload_under_load(&mut m, &proxy, &dst, &mut t);
+                    std::thread::sleep(Duration::from_secs(10));
+                }
                 checkpoint(&plan, &src, &dst, &mut m, &proxy, &mut t);
                 next_checkpoint = Instant::now() + Duration::from_secs(60 + rng.below(60));
             }
@@ -292,7 +321,7 @@ fn main() {
     let summary = format!(
         "soak: {} s, {} source writes, {} checkpoints, {} lost-event checkpoints, \
          {} SIGKILLs, {} source and {} destination etcd restarts, mirror exits by code {:?}, \
-         {} reloads, {} exits outside the expected codes",
+         {} reloads ({} of them while the writers went on), {} exits outside the expected codes",
         t0.elapsed().as_secs(),
         plan.writes.load(Ordering::SeqCst),
         t.checkpoints,
@@ -302,6 +331,7 @@ fn main() {
         t.dst_restarts,
         t.exits,
         t.reloads,
+        t.load_reloads,
         t.bad_exits.len()
     );
     println!("{summary}");
