@@ -12,6 +12,7 @@ use common::*;
 use regex_lite::Regex;
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
@@ -621,6 +622,47 @@ fn tls_source_with_client_certificate_replicates() {
     m.wait_for(Duration::from_secs(30), "/replica/tls/k deleted", || {
         !dst.exists("/replica/tls/k")
     });
+}
+
+/// A TLS failure once the source has answered (its certificate rotated to one the mirror
+/// does not trust) is retried like any transient fault, then exit 1 so that systemd restarts
+/// the mirror; at start the same failure is a configuration error (exit 2, tested below).
+#[test]
+fn tls_failure_mid_run_is_transient_then_exit_1() {
+    let pki = TlsFiles::generate("tls-rotate");
+    let other = TlsFiles::generate("tls-rotate-other");
+    let mut src = Etcd::start_tls("tls-rotate-src", &pki);
+    let dst = Etcd::start("tls-rotate-dst");
+    set_replication_index(&dst, "/replica", src.current_index());
+    let (ca, cert, key) = (s(&pki.ca), s(&pki.client_cert), s(&pki.client_key));
+    let mut m = Mirror::start(
+        &[
+            "--src-ca-file",
+            &ca,
+            "--src-cert-file",
+            &cert,
+            "--src-key-file",
+            &key,
+            "--retry-timeout",
+            "5",
+            "--watch-timeout",
+            "5",
+        ],
+        &src.url,
+        &dst.url,
+    );
+    src.set("/tls/k", "before the rotation");
+    m.wait_for(Duration::from_secs(30), "/replica/tls/k replicated", || {
+        dst.get("/replica/tls/k").as_deref() == Some("before the rotation")
+    });
+    // The server now presents a certificate from a CA the mirror does not trust.
+    fs::copy(&other.server_cert, &pki.server_cert).unwrap();
+    fs::copy(&other.server_key, &pki.server_key).unwrap();
+    src.respawn();
+    let code = m.wait_exit(Duration::from_secs(60));
+    let err = m.stderr();
+    assert_eq!(code, 1, "{}", tail(&err, 15));
+    assert!(err.contains("retrying"), "{}", tail(&err, 15));
 }
 
 #[test]

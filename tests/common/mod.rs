@@ -572,6 +572,17 @@ impl Etcd {
     /// SIGKILL the server and start it again on the same data dir and ports; returns once
     /// it answers again.
     pub fn restart(&mut self) {
+        self.respawn();
+        wait_until(
+            Duration::from_secs(30),
+            "etcd to answer after a restart",
+            || self.client.get_raw("/", &[]).status == 200,
+        );
+    }
+
+    /// SIGKILL the server and start it again on the same data dir, ports and files, without
+    /// waiting for it (its certificate may have changed).
+    pub fn respawn(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let log = fs::OpenOptions::new()
@@ -587,11 +598,6 @@ impl Etcd {
             .stderr(log2)
             .spawn()
             .expect("respawn etcd");
-        wait_until(
-            Duration::from_secs(30),
-            "etcd to answer after a restart",
-            || self.client.get_raw("/", &[]).status == 200,
-        );
     }
 
     /// The client address, for a proxy in front of this server.
