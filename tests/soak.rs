@@ -28,7 +28,10 @@ struct Plan {
 /// handles) or outside it.
 fn one_write(c: &Client, rng: &mut Rng, inside: bool, n: u64) {
     if !inside {
-        c.set(&format!("/o/k{}", rng.below(64)), &n.to_string());
+        c.put(
+            &format!("/o/k{}", rng.below(64)),
+            &[("value", &n.to_string())],
+        );
         return;
     }
     let d = rng.below(6);
@@ -36,10 +39,10 @@ fn one_write(c: &Client, rng: &mut Rng, inside: bool, n: u64) {
     let key = format!("/s/d{d}/k{k}");
     match rng.below(23) {
         0..=5 => {
-            c.set(&key, &format!("v{n}"));
+            c.put(&key, &[("value", &format!("v{n}"))]);
         }
         6 => {
-            c.set(&format!("/s/empty{k}"), "");
+            c.put(&format!("/s/empty{k}"), &[("value", "")]);
         }
         7 => {
             c.put(&key, &[("value", &format!("c{n}")), ("prevExist", "false")]);
@@ -73,7 +76,7 @@ fn one_write(c: &Client, rng: &mut Rng, inside: bool, n: u64) {
             c.put(&format!("/s/d{d}/sub{k}"), &[("dir", "true")]);
         }
         15 => {
-            c.set(&format!("/s/d{d}/_lock{k}"), "hidden");
+            c.put(&format!("/s/d{d}/_lock{k}"), &[("value", "hidden")]);
         }
         16 => {
             c.delete(&format!("/s/d{d}"), &[("recursive", "true")]);
@@ -88,16 +91,14 @@ fn one_write(c: &Client, rng: &mut Rng, inside: bool, n: u64) {
         // Big values: their conditions travel as the destination's modifiedIndex.
         20 => {
             let len = [4 << 10, 64 << 10, 1 << 20][rng.below(3) as usize];
-            c.set(
-                &format!("/s/big{}", k % 3),
-                &"b".repeat(len + n as usize % 7),
-            );
+            let big = "b".repeat(len + n as usize % 7);
+            c.put(&format!("/s/big{}", k % 3), &[("value", &big)]);
         }
         21 => {
             c.delete(&format!("/s/big{}", k % 3), &[]);
         }
         _ => {
-            c.set(&format!("/s/d{d}/sub{k}/x"), &n.to_string());
+            c.put(&format!("/s/d{d}/sub{k}/x"), &[("value", &n.to_string())]);
         }
     }
 }
