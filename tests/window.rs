@@ -200,3 +200,45 @@ fn stopped_mirror_loses_window_exit_4_then_reload_recovers() {
     assert!(!p.dst.exists("/replica/elsewhere"));
     m.assert_alive("end");
 }
+
+/// Expiry bursts: etcd expires every due key in one go every 0.5 s, and a go of more than 1000
+/// keys leaves the history before a watcher that is behind could read it. A live mirror reads
+/// them off its stream; if it ever cannot, it must stop with exit 4, never lose them.
+#[test]
+fn expiry_bursts_replicate_or_stop_with_exit_4() {
+    for n in [500u64, 1500] {
+        let p = Pair::start(&format!("expiry-{n}"));
+        let mut m = p.mirror_from_now(&["--src-prefix", "/ttl"], "/replica");
+        std::thread::scope(|s| {
+            for w in 0..4u64 {
+                let c = p.src.client.clone();
+                s.spawn(move || {
+                    for i in (w..n).step_by(4) {
+                        c.put(&format!("/ttl/k{i}"), &[("value", "x"), ("ttl", "2")])
+                            .expect_ok();
+                    }
+                });
+            }
+        });
+        m.wait_for(Duration::from_secs(30), "the keys on the replica", || {
+            tree(&p.dst, "/replica/ttl").len() as u64 == n
+        });
+        wait_until(Duration::from_secs(30), "the keys to expire", || {
+            tree(&p.src, "/ttl").is_empty()
+        });
+        let gone = poll_until(Duration::from_secs(30), || {
+            !m.is_alive() || tree(&p.dst, "/replica/ttl").is_empty()
+        });
+        match m.exited() {
+            None => {
+                assert!(gone, "{n} expired keys still on the replica after 30 s");
+                m.wait_index(&p.dst, "/replica", p.src.current_index());
+                println!("expiry burst of {n} keys: replicated");
+            }
+            Some(code) => {
+                assert_eq!(code, 4, "{}", tail(&m.stderr(), 10));
+                println!("expiry burst of {n} keys: exit 4 (history window lost)");
+            }
+        }
+    }
+}
