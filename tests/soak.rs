@@ -22,6 +22,15 @@ struct Plan {
     idle: AtomicBool,
     stop: AtomicBool,
     writes: AtomicU64,
+    /// Writes that could not reach the source (it was restarting).
+    failed: AtomicU64,
+}
+
+/// The value of `key`, or None when it is missing, a directory or unreadable.
+fn value_of(c: &Client, key: &str) -> Option<String> {
+    let r = c.get_raw(key, &[]);
+    let node = r.body.get("node")?;
+    node.get("value")?.as_str().map(str::to_string)
 }
 
 /// One write of the mixed workload under /s (every action and tree shape the mirror
@@ -48,7 +57,7 @@ fn one_write(c: &Client, rng: &mut Rng, inside: bool, n: u64) {
             c.put(&key, &[("value", &format!("c{n}")), ("prevExist", "false")]);
         }
         8 => {
-            if let Some(v) = c.get(&key).filter(|v| !v.is_empty()) {
+            if let Some(v) = value_of(c, &key).filter(|v| !v.is_empty()) {
                 c.put(&key, &[("value", &format!("cas{n}")), ("prevValue", &v)]);
             }
         }
@@ -59,7 +68,7 @@ fn one_write(c: &Client, rng: &mut Rng, inside: bool, n: u64) {
             c.delete(&key, &[]);
         }
         11 => {
-            if let Some(v) = c.get(&key).filter(|v| !v.is_empty()) {
+            if let Some(v) = value_of(c, &key).filter(|v| !v.is_empty()) {
                 c.delete(&key, &[("prevValue", &v)]);
             }
         }
@@ -118,7 +127,15 @@ fn writer(url: String, plan: Arc<Plan>, seed: u64) {
         }
         plan.idle.store(false, Ordering::SeqCst);
         let inside = rng.below(100) < plan.inside.load(Ordering::SeqCst);
-        one_write(&c, &mut rng, inside, n);
+        // The source restarts now and then: a write that cannot connect panics in the test
+        // client, which is only a failed write here.
+        let wrote = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            one_write(&c, &mut rng, inside, n)
+        }));
+        if wrote.is_err() {
+            plan.failed.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(200));
+        }
         n += 1;
         plan.writes.fetch_add(1, Ordering::SeqCst);
         next += Duration::from_micros(1_000_000 / rate.max(1));
@@ -233,6 +250,7 @@ fn main() {
         idle: AtomicBool::new(true),
         stop: AtomicBool::new(false),
         writes: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
     });
     let writers: Vec<_> = (0..2)
         .map(|w| {
@@ -320,11 +338,12 @@ fn main() {
         w.join().unwrap();
     }
     let summary = format!(
-        "soak: {} s, {} source writes, {} checkpoints, {} lost-event checkpoints, \
+        "soak: {} s, {} source writes ({} failed while the source restarted), {} checkpoints, {} lost-event checkpoints, \
          {} SIGKILLs, {} source and {} destination etcd restarts, mirror exits by code {:?}, \
          {} reloads ({} of them while the writers went on), {} exits outside the expected codes",
         t0.elapsed().as_secs(),
         plan.writes.load(Ordering::SeqCst),
+        plan.failed.load(Ordering::SeqCst),
         t.checkpoints,
         t.lost.len(),
         t.kills,
