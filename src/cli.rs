@@ -34,8 +34,10 @@ Replication:
       --retry-timeout SECS         retry transient faults this long, then exit 1 [default: 60]
 Reload:
       --reload                     make DST an exact copy of SRC by writing only the
-                                   differences, then replicate
-      --dry-run                    with --reload: print the plan and exit without writing
+                                   differences (again until a pass keeps up with a busy
+                                   source), then replicate
+      --dry-run                    with --reload: print the plan (and whether a guard would
+                                   refuse it) and exit without writing
       --force                      with --reload: allow SRC and DST to be the same cluster, and a
                                    plan that deletes more than half of the destination's keys
 Metrics:
