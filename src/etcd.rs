@@ -218,23 +218,34 @@ pub struct Backoff {
     budget: Duration,
 }
 
+/// The first delay, and the cap on later ones.
+const FIRST_DELAY: Duration = Duration::from_millis(50);
+const MAX_DELAY: Duration = Duration::from_secs(5);
+
 impl Backoff {
     pub fn new(budget: Duration) -> Backoff {
         Backoff {
             start: Instant::now(),
-            delay: Duration::from_millis(50),
+            delay: FIRST_DELAY,
             budget,
         }
     }
 
-    /// Wait before the next attempt, or `None` (without waiting) once the budget is spent.
-    pub fn wait(&mut self) -> Option<Duration> {
+    /// The delay before the next attempt, `elapsed` after the first failure; `None` once
+    /// waiting it would pass the budget. Pure: time is an argument.
+    pub fn next_delay(&mut self, elapsed: Duration) -> Option<Duration> {
         let delay = self.delay;
-        if self.start.elapsed().saturating_add(delay) > self.budget {
+        if elapsed.saturating_add(delay) > self.budget {
             return None;
         }
+        self.delay = delay.saturating_mul(2).min(MAX_DELAY);
+        Some(delay)
+    }
+
+    /// Wait before the next attempt, or `None` (without waiting) once the budget is spent.
+    pub fn wait(&mut self) -> Option<Duration> {
+        let delay = self.next_delay(self.start.elapsed())?;
         std::thread::sleep(delay);
-        self.delay = delay.saturating_mul(2).min(Duration::from_secs(5));
         Some(delay)
     }
 }
@@ -698,6 +709,36 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// Any budget and any clock: delays start at 50 ms, double up to 5 s, and stop
+        /// exactly when waiting would pass the budget.
+        #[test]
+        fn backoff_is_capped_and_keeps_to_its_budget(
+            budget_ms in proptest::prop_oneof![0..100u64, 0..100_000u64, proptest::strategy::Just(u64::MAX)],
+            steps in proptest::collection::vec(0..20_000u64, 1..200),
+        ) {
+            let budget = Duration::from_millis(budget_ms);
+            let mut b = Backoff::new(budget);
+            let mut elapsed = Duration::ZERO;
+            let mut last: Option<Duration> = None;
+            for step in steps {
+                elapsed = elapsed.saturating_add(Duration::from_millis(step));
+                match b.next_delay(elapsed) {
+                    Some(d) => {
+                        proptest::prop_assert!(d >= FIRST_DELAY && d <= MAX_DELAY);
+                        proptest::prop_assert!(elapsed.saturating_add(d) <= budget);
+                        if let Some(l) = last {
+                            proptest::prop_assert_eq!(d, l.saturating_mul(2).min(MAX_DELAY));
+                        }
+                        last = Some(d);
+                    }
+                    None => {
+                        let next = last.map_or(FIRST_DELAY, |l| l.saturating_mul(2).min(MAX_DELAY));
+                        proptest::prop_assert!(elapsed.saturating_add(next) > budget);
+                    }
+                }
+            }
+        }
+
         #[test]
         fn body_values_read_back_as_written(a in ".*", b in "\\PC*") {
             let p = vec![("value", a.clone()), ("prevValue", b.clone())];
