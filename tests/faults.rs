@@ -118,3 +118,22 @@ fn stalled_watch_body_proves_its_registration_only_after_the_whole_watch_timeout
     );
     m.assert_alive("after stalled watches");
 }
+
+/// An answer that cannot be right (an event older than the index the watch asked for) is
+/// never written: it is logged as a broken answer and the watch is opened again, until the
+/// retry budget ends in exit 1.
+#[test]
+fn an_event_older_than_asked_for_is_never_written() {
+    let dst = Etcd::start("fault-old");
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Etcd-Index: 50";
+    let body = "{\"action\":\"set\",\"node\":{\"key\":\"/p/old\",\"value\":\"stale\",\"modifiedIndex\":5,\"createdIndex\":5}}\n";
+    let (src, served) = fake_source(head, body, Duration::ZERO);
+    let mut m = mirror_against(&src, &dst, 10, &["--retry-timeout", "2"]);
+    assert_eq!(m.wait_exit(Duration::from_secs(30)), 1);
+    let err = m.stderr();
+    assert!(err.contains("older than the index 11"), "{}", tail(&err, 10));
+    assert!(err.contains("WARN"), "{}", tail(&err, 10));
+    assert!(!dst.exists("/replica/p/old"), "a broken answer was written");
+    assert_eq!(replication_index(&dst, "/replica"), Some(10));
+    assert!(served.load(Ordering::SeqCst) >= 2, "the watch was opened again");
+}

@@ -129,3 +129,29 @@ fn the_same_state_mid_run_is_an_inconsistency() {
         "{err}"
     );
 }
+
+/// A destination write whose response is lost is retried; the retry finds the key already
+/// holding what the write wanted, and replication goes on (no exit 3).
+#[test]
+fn a_retried_write_whose_response_was_lost_goes_on() {
+    use common::proxy::{Faults, Proxy};
+    let p = Pair::start("shape-lost-response");
+    let proxy = Proxy::start_with(p.dst.addr(), Faults::default());
+    set_replication_index(&p.dst, "/replica", p.src.current_index());
+    let mut m = Mirror::start(&["--watch-timeout", "5"], &p.src.url, &proxy.url());
+    p.src.set("/app/first", "1");
+    m.wait_synced(&p.src, "/app", &p.dst, "/replica/app", "/replica", "first");
+    proxy.set(Faults {
+        drop_responses: 1,
+        drop_matching: "PUT /v2/keys/replica/app/lost".into(),
+        ..Faults::default()
+    });
+    p.src.set("/app/lost", "the response to this write is dropped");
+    p.src.set("/app/next", "and replication goes on");
+    m.wait_for(Duration::from_secs(90), "the replica to catch up", || {
+        p.dst.get("/replica/app/next").is_some()
+    });
+    m.wait_synced(&p.src, "/app", &p.dst, "/replica/app", "/replica", "after the lost response");
+    assert_eq!(proxy.faults().drop_responses, 0, "the response was dropped");
+    assert!(m.stderr().contains("already holds"), "{}", tail(&m.stderr(), 10));
+}
