@@ -131,9 +131,16 @@ fn an_event_older_than_asked_for_is_never_written() {
     let mut m = mirror_against(&src, &dst, 10, &["--retry-timeout", "2"]);
     assert_eq!(m.wait_exit(Duration::from_secs(30)), 1);
     let err = m.stderr();
-    assert!(err.contains("older than the index 11"), "{}", tail(&err, 10));
+    assert!(
+        err.contains("older than the index 11"),
+        "{}",
+        tail(&err, 10)
+    );
     assert!(err.contains("WARN"), "{}", tail(&err, 10));
     assert!(!dst.exists("/replica/p/old"), "a broken answer was written");
     assert_eq!(replication_index(&dst, "/replica"), Some(10));
-    assert!(served.load(Ordering::SeqCst) >= 2, "the watch was opened again");
+    assert!(
+        served.load(Ordering::SeqCst) >= 2,
+        "the watch was opened again"
+    );
 }

@@ -146,12 +146,24 @@ fn a_retried_write_whose_response_was_lost_goes_on() {
         drop_matching: "PUT /v2/keys/replica/app/lost".into(),
         ..Faults::default()
     });
-    p.src.set("/app/lost", "the response to this write is dropped");
+    p.src
+        .set("/app/lost", "the response to this write is dropped");
     p.src.set("/app/next", "and replication goes on");
     m.wait_for(Duration::from_secs(90), "the replica to catch up", || {
         p.dst.get("/replica/app/next").is_some()
     });
-    m.wait_synced(&p.src, "/app", &p.dst, "/replica/app", "/replica", "after the lost response");
+    m.wait_synced(
+        &p.src,
+        "/app",
+        &p.dst,
+        "/replica/app",
+        "/replica",
+        "after the lost response",
+    );
     assert_eq!(proxy.faults().drop_responses, 0, "the response was dropped");
-    assert!(m.stderr().contains("already holds"), "{}", tail(&m.stderr(), 10));
+    assert!(
+        m.stderr().contains("already holds"),
+        "{}",
+        tail(&m.stderr(), 10)
+    );
 }
