@@ -135,6 +135,14 @@ impl Step<'_> {
 }
 
 impl Diff {
+    /// True when the plan writes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.creates.is_empty()
+            && self.updates.is_empty()
+            && self.replaces.is_empty()
+            && self.deletes.is_empty()
+    }
+
     /// Keys the plan removes or replaces.
     pub fn removed(&self) -> usize {
         self.deletes.len().saturating_add(self.replaces.len())
@@ -374,6 +382,8 @@ fn guard(cfg: &Config, l: &Listing, d: &Diff, src: &Client, dst: &Client) -> Opt
 pub fn reload(cfg: &Config, src: &Client, dst: &Client) -> Result<Option<u64>> {
     let started = Instant::now();
     let index_key = cfg.keys.index_key();
+    // The index found at start, still in place: (value, modifiedIndex).
+    let mut stale: Option<(u64, u64)> = None;
     let mut pass: u32 = 1;
     loop {
         let l = list(cfg, src, dst)?;
@@ -399,9 +409,15 @@ pub fn reload(cfg: &Config, src: &Client, dst: &Client) -> Result<Option<u64>> {
             if let Some(why) = refusal {
                 return Err(Error::Usage(format!("refusing to --reload: {why}")));
             }
-            // From here on a crash leaves no index: only another --reload can follow, and
-            // it finishes the job, since it diffs whatever state this one left.
-            if let Some((old, mi)) = read_index(dst, &index_key)? {
+            stale = read_index(dst, &index_key)?;
+        }
+        // Before the first write of the tree, the index goes: from then on a crash leaves
+        // no index, so only another --reload can follow, and it finishes the job, since it
+        // diffs whatever state this one left. Until then the destination is as it was
+        // before the reload, index included. When no pass writes anything (two equal
+        // clusters, a switchover), the index is replaced in one write below.
+        if !d.is_empty() {
+            if let Some((old, mi)) = stale.take() {
                 info!("removing the replication index {index_key} (was {old}) before reloading");
                 let old = Entry::Value(old.to_string());
                 write(dst, Step::Delete(&index_key, &old, mi), l.index)?;
@@ -413,7 +429,17 @@ pub fn reload(cfg: &Config, src: &Client, dst: &Client) -> Result<Option<u64>> {
         match after_pass(pass, l.index, now) {
             Next::Replicate => {
                 let value = Entry::Value(l.index.to_string());
-                write(dst, Step::Create(&index_key, &value), l.index)?;
+                let step = match stale {
+                    Some((old, mi)) => {
+                        info!(
+                            "nothing to write: replacing the replication index {index_key} \
+                             (was {old}) in one write"
+                        );
+                        Step::Update(&index_key, &value, mi)
+                    }
+                    None => Step::Create(&index_key, &value),
+                };
+                write(dst, step, l.index)?;
                 info!(
                     "reload done in {:.1?}, passes: {pass} (the last one: {}; the source was \
                      {behind} events past its listing)",
@@ -432,12 +458,16 @@ pub fn reload(cfg: &Config, src: &Client, dst: &Client) -> Result<Option<u64>> {
                 pass = pass.saturating_add(1);
             }
             Next::GiveUp => {
+                let index = match stale {
+                    None => "no replication index".to_string(),
+                    Some((old, _)) => format!("its old replication index {old}, untouched"),
+                };
                 return Err(Error::IndexCleared(format!(
                     "--reload could not catch up with {}: after {MAX_PASSES} passes the source \
                      was still {behind} events past the last listing (index {}), more than the \
                      {MARGIN} that leave replication time to start inside the source's \
-                     1000-event history. The replica holds the source's state at index {} but \
-                     no replication index; run the reload again when the source is quieter",
+                     1000-event history. The replica holds the source's state at index {} and \
+                     {index}; run the reload again when the source is quieter",
                     src.name(),
                     l.index,
                     l.index
@@ -796,6 +826,11 @@ mod tests {
                 if d.deletes.is_empty() && d.replaces.is_empty() {
                     prop_assert!(!d.deletes_too_much(have.len()));
                 }
+                // Empty exactly when the destination already holds what is wanted.
+                let same = want.len() == have.len()
+                    && want.iter().all(|(k, e)| have.get(k).is_some_and(|(h, _)| h == e));
+                prop_assert_eq!(d.is_empty(), same);
+                prop_assert_eq!(d.is_empty(), d.steps().is_empty());
             }
 
             /// The steps, run on a model of etcd (a key needs its parent directory, a
