@@ -36,10 +36,13 @@ Reload:
       --reload                     make DST an exact copy of SRC by writing only the
                                    differences (again until a pass keeps up with a busy
                                    source), then replicate
-      --dry-run                    with --reload: print the plan (and whether a guard would
-                                   refuse it) and exit without writing
-      --force                      with --reload: allow SRC and DST to be the same cluster, and a
-                                   plan that deletes more than half of the destination's keys
+      --reload-only                the same reload, then record the index and exit 0 without
+                                   replicating and without serving metrics (implies --reload)
+      --dry-run                    with --reload(-only): print the plan (and whether a guard
+                                   would refuse it) and exit without writing
+      --force                      with --reload(-only): allow SRC and DST to be the same
+                                   cluster, and a plan that deletes more than half of the
+                                   destination's keys
 Metrics:
       --port PORT                  serve /metrics and /lag on this port, 0 = off [default: 8000]
       --listen ADDR                address for the metrics endpoint [default: 0.0.0.0]
@@ -49,7 +52,7 @@ Logging:
       --version                    print the version
 
 Exit codes:
-  0  --help, --version, or a finished --reload --dry-run (replication runs until stopped)
+  0  --help, --version, or a finished --dry-run or --reload-only; replication never exits 0
   1  transient failure, retries exhausted (safe to restart)
   2  usage or configuration error, or a refused --reload
   3  inconsistency on the destination (needs a human)
@@ -80,6 +83,8 @@ pub struct Config {
     pub dst: Endpoint,
     pub keys: KeyMap,
     pub reload: bool,
+    /// `--reload-only`: reload, record the index, exit (`reload` is set too).
+    pub reload_only: bool,
     pub dry_run: bool,
     pub force: bool,
     pub debug: bool,
@@ -100,6 +105,7 @@ struct RawArgs {
     watch_timeout: Option<String>,
     retry_timeout: Option<String>,
     reload: bool,
+    reload_only: bool,
     dry_run: bool,
     force: bool,
     port: Option<String>,
@@ -163,6 +169,7 @@ where
             Long("version") => raw.version = true,
             Long("strip") => raw.strip = true,
             Long("reload") => raw.reload = true,
+            Long("reload-only") => raw.reload_only = true,
             Long("dry-run") => raw.dry_run = true,
             Long("force") => raw.force = true,
             Long("src-prefix") => raw.src_prefix = Some(p.value()?.string()?),
@@ -283,11 +290,18 @@ fn validate(raw: RawArgs) -> Result<Config> {
             ))
         })?;
     let metrics = (port != 0).then(|| std::net::SocketAddr::new(ip, port));
-    if raw.dry_run && !raw.reload {
-        return Err(usage("--dry-run only makes sense with --reload".into()));
+    // --reload-only is a --reload that stops once the index is recorded; both together
+    // mean the same, so a copied command line with an extra --reload still works.
+    let reload = raw.reload || raw.reload_only;
+    if raw.dry_run && !reload {
+        return Err(usage(
+            "--dry-run only makes sense with --reload or --reload-only".into(),
+        ));
     }
-    if raw.force && !raw.reload {
-        return Err(usage("--force only makes sense with --reload".into()));
+    if raw.force && !reload {
+        return Err(usage(
+            "--force only makes sense with --reload or --reload-only".into(),
+        ));
     }
     let keys = KeyMap {
         src_prefix: prefix("--src-prefix", raw.src_prefix, "/")?,
@@ -328,7 +342,8 @@ fn validate(raw: RawArgs) -> Result<Config> {
         src,
         dst,
         keys,
-        reload: raw.reload,
+        reload,
+        reload_only: raw.reload_only,
         dry_run: raw.dry_run,
         force: raw.force,
         debug: raw.debug,
@@ -400,6 +415,33 @@ mod tests {
         let re = c.keys.ignore.unwrap();
         assert!(re.is_match("/conftool/x/y") && !re.is_match("/conftool/xy"));
         assert_eq!(c.src.base, "https://a:1");
+    }
+
+    #[test]
+    fn reload_only_implies_reload() {
+        let c = run(&["--reload-only", "http://a:1", "http://b:2"]);
+        assert!(c.reload && c.reload_only && !c.dry_run);
+        let c = run(&[
+            "--reload",
+            "--reload-only",
+            "--dry-run",
+            "--force",
+            "http://a:1",
+            "http://b:2",
+        ]);
+        assert!(c.reload && c.reload_only && c.dry_run && c.force);
+        // Metrics stay configured (startup skips them); --port in the unit's arguments is fine.
+        let c = run(&[
+            "--reload-only",
+            "--port",
+            "8000",
+            "http://a:1",
+            "http://b:2",
+        ]);
+        assert!(c.reload_only && c.metrics.is_some());
+        let c = run(&["--reload", "http://a:1", "http://b:2"]);
+        assert!(c.reload && !c.reload_only);
+        assert!(HELP.contains("--reload-only"));
     }
 
     #[test]

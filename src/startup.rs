@@ -83,7 +83,8 @@ impl log::Log for OwnDetail {
 }
 
 /// Everything between a valid configuration and the replication loop: metrics endpoint,
-/// safety checks, then `--reload` or the stored index.
+/// safety checks, then `--reload` or the stored index. `--reload-only` and `--dry-run` end
+/// here.
 pub fn run(cfg: &Config) -> Result<()> {
     for (side, ep) in [("SRC", &cfg.src), ("DST", &cfg.dst)] {
         if ep.password_in_url {
@@ -94,7 +95,9 @@ pub fn run(cfg: &Config) -> Result<()> {
         s.url = cfg.dst.base.clone();
         s.prefix = cfg.keys.dst_prefix.clone();
     });
-    if let Some(addr) = cfg.metrics.filter(|_| !cfg.dry_run) {
+    // A one-shot run serves no metrics: nothing scrapes it, and an operator runs it next
+    // to (or just before) the unit, whose port it must not need.
+    if let Some(addr) = cfg.metrics.filter(|_| !cfg.dry_run && !cfg.reload_only) {
         let bound = metrics::serve(addr).map_err(|e| {
             Error::Usage(format!(
                 "--port/--listen: cannot serve metrics on {addr}: {e}"
@@ -137,6 +140,15 @@ pub fn run(cfg: &Config) -> Result<()> {
     }
     let index = if cfg.reload {
         match reload::reload(cfg, &src, &dst)? {
+            Some(index) if cfg.reload_only => {
+                log::info!(
+                    "replication index {index} recorded at {} on {}; exiting without \
+                     replicating (--reload-only): start the mirror without --reload",
+                    cfg.keys.index_key(),
+                    dst.name()
+                );
+                return Ok(());
+            }
             Some(index) => index,
             None => return Ok(()),
         }

@@ -342,7 +342,7 @@ fn example_defaults_use_known_flags() {
         unknown.is_empty(),
         "src/etcdmirror.default uses flags `etcdmirror --help` does not list: {unknown:?}"
     );
-    for flag in ["--reload", "--dry-run", "--force"] {
+    for flag in ["--reload", "--reload-only", "--dry-run", "--force"] {
         assert!(
             !long_options(args).iter().any(|f| f == flag),
             "the example ETCDMIRROR_ARGS must not contain {flag}"
