@@ -1,7 +1,10 @@
 # etcdmirror: the commands the README and .ci/run use.
 #   make build   release binary in target/release/etcdmirror
-#   make test    unit + integration tests (needs etcd on PATH: apt-get install etcd-server)
+#   make test    unit + integration tests (real etcd servers, plus the tools in tests/deps.sh)
 #   make demo    two throwaway etcd servers, one mirrored key
+#   make deps    what `make test` needs from the system (tests/deps.sh holds the one list):
+#                installed when missing if run as root, otherwise one line naming the
+#                command to run; `test`, `demo`, `bench` and `soak` check it first
 #   make lint    rustfmt + clippy, warnings are errors
 #   make bench   performance harness (tests/bench.rs, release binary, own etcd servers on
 #                /dev/shm; under 10 minutes): prints a table, writes target/bench/results.json
@@ -10,8 +13,9 @@
 #   make vendor  copy all crates into vendor/ for an offline build
 #   make offline-check  prove `cargo build --offline --locked --release` works from vendor/
 #                with an empty CARGO_HOME (release build in a temporary target dir)
-#   make install / uninstall  binary, man page, systemd unit, example defaults file
-#                (DESTDIR, PREFIX, BINDIR, MANDIR, UNITDIR, SYSCONFDIR, BIN; see below)
+#   make install / uninstall  binary, man page, systemd unit, example defaults file,
+#                Prometheus alerting rules (DESTDIR, PREFIX, BINDIR, MANDIR, UNITDIR,
+#                DATADIR, SYSCONFDIR, BIN; see below)
 #   make clean   remove target/
 
 CARGO ?= cargo
@@ -26,6 +30,7 @@ INSTALL ?= install
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
 MANDIR ?= $(PREFIX)/share/man
+DATADIR ?= $(PREFIX)/share
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 SYSCONFDIR ?= /etc
 DESTDIR ?=
@@ -36,32 +41,34 @@ BIN ?= target/release/etcdmirror
 VENDOR_CONFIG = --config 'source.crates-io.replace-with="vendored-sources"' \
                 --config 'source.vendored-sources.directory="$(CURDIR)/vendor"'
 
-.PHONY: build test bench soak demo lint vendor offline-check install uninstall clean check-etcd
+.PHONY: build test bench soak demo deps lint vendor offline-check install uninstall clean
 
 build:
 	$(CARGO) build --release
 
-check-etcd:
-	@command -v etcd >/dev/null 2>&1 || { \
-	  echo "error: 'etcd' is not on PATH; the tests start real etcd servers." >&2; \
-	  echo "       On Debian/Ubuntu: apt-get install etcd-server   (or run .ci/run as root)" >&2; \
-	  exit 1; }
+# tests/deps.sh NEED (demo, test, etcd): silent when all is there; as root it installs what
+# is missing (apt-get, pip); as another user it stops with one line naming the command.
+deps:
+	bash tests/deps.sh test
 
-test: check-etcd
+test: deps
 	$(CARGO) test --all-targets
 
 # The harness is a test target with harness = false that only runs when ETCDMIRROR_BENCH=1;
 # it measures the release binary (ETCDMIRROR_BIN overrides which one).
-bench: check-etcd
+bench:
+	bash tests/deps.sh etcd
 	$(CARGO) build --release
 	ETCDMIRROR_BENCH=1 $(CARGO) test --release --test bench
 
 SOAK_SECS ?= 900
-soak: check-etcd
+soak:
+	bash tests/deps.sh etcd
 	$(CARGO) build --release
 	ETCDMIRROR_SOAK=1 ETCDMIRROR_SOAK_SECS=$(SOAK_SECS) $(CARGO) test --release --test soak
 
 demo:
+	bash tests/deps.sh demo
 	bash tests/demo.sh
 
 lint:
@@ -98,7 +105,7 @@ target/release/etcdmirror: Cargo.toml Cargo.lock $(shell find src -name '*.rs')
 
 install: $(BIN)
 	$(INSTALL) -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(UNITDIR) \
-	  $(DESTDIR)$(SYSCONFDIR)/default
+	  $(DESTDIR)$(SYSCONFDIR)/default $(DESTDIR)$(DATADIR)/etcdmirror
 	$(INSTALL) -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/etcdmirror
 	$(INSTALL) -m 0644 src/etcdmirror.1 $(DESTDIR)$(MANDIR)/man1/etcdmirror.1
 	sed 's|^ExecStart=/usr/local/bin/etcdmirror |ExecStart=$(BINDIR)/etcdmirror |' \
@@ -107,14 +114,19 @@ install: $(BIN)
 	chmod 0644 $(DESTDIR)$(UNITDIR)/etcdmirror.service.tmp
 	mv $(DESTDIR)$(UNITDIR)/etcdmirror.service.tmp $(DESTDIR)$(UNITDIR)/etcdmirror.service
 	$(INSTALL) -m 0644 src/etcdmirror.default $(DESTDIR)$(SYSCONFDIR)/default/etcdmirror.example
+	$(INSTALL) -m 0644 src/etcdmirror.rules.yml $(DESTDIR)$(DATADIR)/etcdmirror/etcdmirror.rules.yml
 
-# Removes exactly the files `install` writes (directories are left, they may be shared;
-# /etc/default/etcdmirror, your copy of the example, is left alone).
+# Removes exactly the files `install` writes (directories are left, they may be shared,
+# except $(DATADIR)/etcdmirror, ours, when empty; /etc/default/etcdmirror, your copy of the
+# example, is left alone).
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/etcdmirror \
 	  $(DESTDIR)$(MANDIR)/man1/etcdmirror.1 \
 	  $(DESTDIR)$(UNITDIR)/etcdmirror.service \
-	  $(DESTDIR)$(SYSCONFDIR)/default/etcdmirror.example
+	  $(DESTDIR)$(SYSCONFDIR)/default/etcdmirror.example \
+	  $(DESTDIR)$(DATADIR)/etcdmirror/etcdmirror.rules.yml
+	if [ -d $(DESTDIR)$(DATADIR)/etcdmirror ]; then \
+	  rmdir --ignore-fail-on-non-empty $(DESTDIR)$(DATADIR)/etcdmirror; fi
 
 clean:
 	$(CARGO) clean

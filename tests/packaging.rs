@@ -1,11 +1,13 @@
 //! Packaging checks: the systemd unit, the man page, `make install`/`make uninstall`.
 //!
 //! These call external tools. A missing tool is a failure that says what to install
-//! (`.ci/run` installs them), never a silent pass:
+//! (`make deps` installs them as root), never a silent pass:
 //!   systemd-analyze: apt-get install systemd
 //!   man:             apt-get install man-db
 //!   mandoc:          apt-get install mandoc
 //!   make:            apt-get install make
+//! (tests/deps.sh holds the list). The alerting rules that `make install` ships are
+//! validated with promtool in tests/alerting.rs.
 //!
 //! The offline vendored build is checked by `make offline-check` (called from `.ci/run`),
 //! not here: it is a full release build.
@@ -37,7 +39,7 @@ fn require_tool(tool: &str, package: &str) {
     assert!(
         on_path(tool),
         "`{tool}` is not on PATH; this test needs it. On Debian/Ubuntu: \
-         apt-get install {package}   (.ci/run installs it when missing)"
+         apt-get install {package}   (`make deps` as root installs it when missing)"
     );
 }
 
@@ -388,19 +390,20 @@ fn make(args: &[&str]) {
     );
 }
 
-/// `make install` puts exactly four files in place and `make uninstall` removes exactly
-/// them. BIN= points at the test's debug binary so the test does not start a release
+/// `make install` puts exactly five files in place and `make uninstall` removes exactly
+/// them (and the rules' own directory). BIN= points at the test's debug binary so the test does not start a release
 /// build; without it, `make install` builds target/release/etcdmirror when stale.
 #[test]
 fn make_install_and_uninstall_exact_file_set() {
     require_tool("make", "make");
-    let cases: [(&[&str], [&str; 4], &str); 2] = [
+    let cases: [(&[&str], [&str; 5], &str); 2] = [
         (
             &["PREFIX=/usr"],
             [
                 "etc/default/etcdmirror.example",
                 "usr/bin/etcdmirror",
                 "usr/lib/systemd/system/etcdmirror.service",
+                "usr/share/etcdmirror/etcdmirror.rules.yml",
                 "usr/share/man/man1/etcdmirror.1",
             ],
             "ExecStart=/usr/bin/etcdmirror $ETCDMIRROR_ARGS",
@@ -411,6 +414,7 @@ fn make_install_and_uninstall_exact_file_set() {
                 "etc/default/etcdmirror.example",
                 "usr/local/bin/etcdmirror",
                 "usr/local/lib/systemd/system/etcdmirror.service",
+                "usr/local/share/etcdmirror/etcdmirror.rules.yml",
                 "usr/local/share/man/man1/etcdmirror.1",
             ],
             "ExecStart=/usr/local/bin/etcdmirror $ETCDMIRROR_ARGS",
@@ -433,7 +437,12 @@ fn make_install_and_uninstall_exact_file_set() {
         };
         let mode = |rel: &str| fs::metadata(path(rel)).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode("bin/etcdmirror"), 0o755);
-        for rel in ["etcdmirror.1", "etcdmirror.service", "etcdmirror.example"] {
+        for rel in [
+            "etcdmirror.1",
+            "etcdmirror.service",
+            "etcdmirror.example",
+            "etcdmirror.rules.yml",
+        ] {
             assert_eq!(mode(rel), 0o644, "mode of {rel}");
         }
         assert_eq!(
@@ -448,6 +457,11 @@ fn make_install_and_uninstall_exact_file_set() {
             read(&path("etcdmirror.example")),
             read(&root().join("src/etcdmirror.default"))
         );
+        assert_eq!(
+            read(&path("etcdmirror.rules.yml")),
+            read(&root().join("src/etcdmirror.rules.yml"))
+        );
+        let rules_dir = path("etcdmirror.rules.yml").parent().unwrap().to_path_buf();
         let unit = read(&path("etcdmirror.service"));
         assert!(
             unit.lines().any(|l| l == *exec_start),
@@ -470,5 +484,128 @@ fn make_install_and_uninstall_exact_file_set() {
             BTreeSet::new(),
             "files left after make {args:?}"
         );
+        assert!(
+            !rules_dir.exists(),
+            "make uninstall left the empty {}",
+            rules_dir.display()
+        );
     }
+}
+
+/// The absolute path of `tool` on PATH (from Debian's `package`).
+fn which(tool: &str, package: &str) -> PathBuf {
+    require_tool(tool, package);
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(tool))
+                .find(|p| p.is_file())
+        })
+        .unwrap()
+}
+
+/// tests/deps.sh (what `make test` checks first) on a PATH that has every tool but promtool:
+/// with ETCDMIRROR_NO_INSTALL=1, or as another user than root, it stops with one line
+/// naming the install command; as root it runs apt-get (a stand-in here, which "installs"
+/// promtool by linking it) and passes. With everything there it prints nothing.
+#[test]
+fn deps_script_names_the_command_or_installs() {
+    let python = run(Command::new("python3")
+        .args(["-c", "import sys, prometheus_client; print(sys.executable)"]));
+    assert!(
+        python.status.success(),
+        "python3 with prometheus_client is needed (python3 -m pip install prometheus-client): {}",
+        text(&python.stderr)
+    );
+    let tmp = TempDir::new("deps");
+    let bin = tmp.0.join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    let link =
+        |target: &Path, name: &str| std::os::unix::fs::symlink(target, bin.join(name)).unwrap();
+    link(Path::new(text(&python.stdout).trim()), "python3");
+    for (tool, package) in [
+        ("etcd", "etcd-server"),
+        ("make", "make"),
+        ("systemd-analyze", "systemd"),
+        ("man", "man-db"),
+        ("mandoc", "mandoc"),
+        ("openssl", "openssl"),
+    ] {
+        link(&which(tool, package), tool);
+    }
+    let promtool = which("promtool", "prometheus");
+    let log = tmp.0.join("apt-get.log");
+    let apt_get = bin.join("apt-get");
+    fs::write(
+        &apt_get,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {log}\ncase \" $* \" in *\" install \"*\" prometheus \"*) /bin/ln -s {promtool} {bin}/promtool ;; esac\n",
+            log = log.display(),
+            promtool = promtool.display(),
+            bin = bin.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&apt_get, fs::Permissions::from_mode(0o755)).unwrap();
+    let bash = which("bash", "bash");
+    let deps = |no_install: bool| {
+        let mut cmd = Command::new(&bash);
+        cmd.arg(root().join("tests/deps.sh"))
+            .arg("test")
+            .env("PATH", &bin)
+            .current_dir(&tmp.0);
+        if no_install {
+            cmd.env("ETCDMIRROR_NO_INSTALL", "1");
+        } else {
+            cmd.env_remove("ETCDMIRROR_NO_INSTALL");
+        }
+        run(&mut cmd)
+    };
+    let assert_one_line = |out: &Output| {
+        let stderr = text(&out.stderr);
+        assert!(
+            out.status.code() == Some(1) && stderr.lines().count() == 1 && out.stdout.is_empty(),
+            "expected exit 1 and one line on stderr ({}):\n{stderr}{}",
+            out.status,
+            text(&out.stdout)
+        );
+        for want in [
+            "promtool (prometheus)",
+            "apt-get update && apt-get install -y --no-install-recommends prometheus'",
+        ] {
+            assert!(stderr.contains(want), "the line lacks `{want}`: {stderr}");
+        }
+        assert!(!log.exists(), "apt-get ran without root");
+    };
+
+    assert_one_line(&deps(true));
+
+    let uid = run(Command::new("id").arg("-u"));
+    if text(&uid.stdout).trim() == "0" {
+        let out = deps(false);
+        assert!(
+            out.status.success(),
+            "as root, tests/deps.sh should install promtool ({}):\n{}{}",
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        assert_eq!(
+            read(&log),
+            "update\ninstall -y --no-install-recommends prometheus\n",
+            "the apt-get calls"
+        );
+    } else {
+        assert_one_line(&deps(false));
+        std::os::unix::fs::symlink(&promtool, bin.join("promtool")).unwrap();
+    }
+
+    let out = deps(true);
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "with every tool there, tests/deps.sh should pass silently ({}):\n{}{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
 }

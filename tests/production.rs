@@ -4,7 +4,7 @@
 //!
 //! Tools: python3 with `prometheus_client` (pip install prometheus-client, or Debian
 //! python3-prometheus-client) and the openssl CLI (Debian openssl). Tests fail, never skip,
-//! when one is missing; .ci/run installs them.
+//! when one is missing; `make deps` installs them as root.
 
 mod common;
 
@@ -183,7 +183,7 @@ fn prometheus_parse(text: &str) -> Parsed {
         probe.status.success(),
         "python3 cannot import prometheus_client; install it with \
          `python3 -m pip install prometheus-client` (Debian: apt-get install \
-         python3-prometheus-client; .ci/run installs it): {}",
+         python3-prometheus-client; `make deps` as root installs it): {}",
         String::from_utf8_lossy(&probe.stderr)
     );
     let mut child = Command::new("python3")

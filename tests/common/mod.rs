@@ -631,7 +631,7 @@ pub fn require_tool(tool: &str, package: &str) {
     assert!(
         on_path(tool),
         "`{tool}` is not on PATH; this test needs it. On Debian/Ubuntu: \
-         apt-get install {package}   (.ci/run installs it when missing)"
+         apt-get install {package}   (`make deps` as root installs it when missing)"
     );
 }
 
