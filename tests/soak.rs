@@ -185,7 +185,14 @@ fn restart_after_exit(code: i32, m: &mut Mirror, proxy: &Proxy, dst: &Etcd, t: &
     t.why.push(format!("exit {code}: {why}"));
     let reload = match code {
         1 => false,
+        // The history window was lost (the mirror was down, or could not catch up, for
+        // more than 1000 source events), or a killed reload left no index: the runbook's
+        // reload.
         4 => {
+            t.reloads += 1;
+            true
+        }
+        2 if why.contains("no replication index") => {
             t.reloads += 1;
             true
         }
@@ -289,13 +296,13 @@ fn main() {
         } else {
             1 + rng.below(30)
         };
-        let rate = if burst { 10 + rng.below(400) } else { 0 };
+        let rate = if burst { 10 + rng.below(250) } else { 0 };
         plan.rate.store(rate, Ordering::SeqCst);
         plan.inside.store(rng.below(101), Ordering::SeqCst);
         let faults = Faults {
-            to_server: Duration::from_millis(rng.below(40)),
-            to_client: Duration::from_millis(rng.below(40)),
-            jitter: Duration::from_millis(rng.below(20)),
+            to_server: Duration::from_millis(rng.below(25)),
+            to_client: Duration::from_millis(rng.below(25)),
+            jitter: Duration::from_millis(rng.below(10)),
             hold_body: if rng.chance(15) {
                 Duration::from_millis(100 + rng.below(3000))
             } else {
