@@ -224,22 +224,7 @@ impl<'a> Watch<'a> {
     /// registered at `x` holds everything after `x`.
     fn replay(&mut self, index: u64, x: u64) -> Result<Replay> {
         let from = index.saturating_add(1);
-        let mut poll = match self.src.watch(&self.prefix, Some(from), self.hold, false)? {
-            Opened::Stream(poll) => poll,
-            Opened::Cleared(msg) => {
-                return Err(Error::IndexCleared(format!(
-                    "history from index {from} on {}: {msg}",
-                    self.src.name()
-                )))
-            }
-            Opened::Refused { code, message } => {
-                return Err(Error::Usage(format!(
-                    "watch {} on {} refused: etcd error {code}: {message}",
-                    self.prefix,
-                    self.src.name()
-                )))
-            }
-        };
+        let mut poll = self.history(&self.prefix, from)?;
         let why = match poll.next() {
             Ok(Next::Event(ev)) => match implausible(&ev, from, None, &self.prefix) {
                 Some(why) => why,
@@ -277,19 +262,7 @@ impl<'a> Watch<'a> {
     fn fill_gap(&mut self, index: u64, live: &Event) -> Result<Gap> {
         let from = index.saturating_add(1);
         let target = live.node.modified_index;
-        let mut poll = match self.src.watch(&self.key, Some(from), self.hold, false)? {
-            Opened::Stream(poll) => poll,
-            Opened::Cleared(msg) => {
-                return Err(Error::IndexCleared(format!(
-                    "history from index {from} on {}: {msg}",
-                    self.src.name()
-                )))
-            }
-            Opened::Refused { code, message } => {
-                self.broke(format!("history read refused: {code} {message}"))?;
-                return Ok(Gap::Broken);
-            }
-        };
+        let mut poll = self.history(&self.key, from)?;
         let why = match poll.next() {
             Ok(Next::Event(ev)) => match implausible(&ev, from, None, &self.key) {
                 Some(why) => why,
@@ -312,6 +285,21 @@ impl<'a> Watch<'a> {
         };
         self.broke(why)?;
         Ok(Gap::Broken)
+    }
+
+    /// A keep-alive long poll on `key`'s history from `from`.
+    fn history(&self, key: &str, from: u64) -> Result<Stream> {
+        match self.src.watch(key, Some(from), self.hold, false)? {
+            Opened::Stream(poll) => Ok(poll),
+            Opened::Cleared(msg) => Err(Error::IndexCleared(format!(
+                "history from index {from} on {}: {msg}",
+                self.src.name()
+            ))),
+            Opened::Refused { code, message } => Err(Error::Usage(format!(
+                "watch {key} on {} refused: etcd error {code}: {message}",
+                self.src.name()
+            ))),
+        }
     }
 
     /// Open a stream from `from` (from now with `None`), after checking that the source
