@@ -293,17 +293,21 @@ pub struct Client {
     answered: Cell<bool>,
 }
 
-/// Time a member gets to answer `check` (its quorum read) before the next one is tried.
-/// A healthy member answers in one raft round trip; one that still forwards to a leader
-/// that has just died holds the read until etcd's own request timeout (7 s by default),
-/// which is what this bound cuts short.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time a member gets to answer `check` (its quorum read) in the first round of failures,
+/// before the next one is tried. A healthy member answers in one raft round trip; one that
+/// still forwards to a leader that has just died holds the read until etcd's own request
+/// timeout (7 s by default), which is what this bound cuts short. Once a whole round has
+/// failed, members get the usual response timeout, so a cluster that is merely slow still
+/// works.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Failures in a row of one request or one watch, across members: the one retry policy.
 pub struct Failures {
     backoff: Backoff,
     /// Members that failed since the last back-off.
     in_round: usize,
+    /// Whole rounds that failed.
+    rounds: u32,
 }
 
 /// Why an attempt did not get a usable answer.
@@ -556,6 +560,7 @@ impl Client {
         Failures {
             backoff: Backoff::new(self.retry_timeout),
             in_round: 0,
+            rounds: 0,
         }
     }
 
@@ -572,6 +577,7 @@ impl Client {
             return Ok(());
         }
         f.in_round = 0;
+        f.rounds = f.rounds.saturating_add(1);
         if self.members.len() > 1 {
             warn!(
                 "{what} on {from} failed ({why}); no member of the {} answered, retrying",
@@ -664,6 +670,23 @@ impl Client {
             return Ok(());
         };
         let (same, odd): (Vec<_>, Vec<_>) = ids.iter().partition(|(_, id)| *id == best);
+        if ids
+            .iter()
+            .any(|(_, id)| *id != best && count(id) == count(&best))
+        {
+            // As many members on one side as on the other: no telling which is wrong.
+            let all: Vec<String> = ids
+                .iter()
+                .map(|(i, id)| format!("{} (cluster id {id})", name(i)))
+                .collect();
+            return Err(Error::Usage(format!(
+                "the {} members belong to different clusters: {}; every URL in {} must be a \
+                 member of the same cluster",
+                self.side,
+                all.join(", "),
+                self.arg()
+            )));
+        }
         if !odd.is_empty() {
             let odd: Vec<String> = odd
                 .iter()
@@ -700,16 +723,21 @@ impl Client {
     }
 
     /// With several members, before the first request on a member: one quorum read of
-    /// `check_key` on it, within `CHECK_TIMEOUT`. It must report the cluster id the others
-    /// reported (another one stops the mirror: exit 2, the member list is wrong); a member
-    /// that cannot answer it (down, no leader, cut off from the others) is passed over.
-    fn check(&self) -> std::result::Result<(), Failure> {
+    /// `check_key` on it, within `CHECK_TIMEOUT` unless `patient`. It must report the cluster
+    /// id the others reported (another one stops the mirror: exit 2, the member list is
+    /// wrong); a member that cannot answer it (down, no leader, cut off from the others) is
+    /// passed over.
+    fn check(&self, patient: bool) -> std::result::Result<(), Failure> {
         if self.members.len() < 2 || self.checked.get() {
             return Ok(());
         }
         let target = Self::target(&self.check_key, &[("quorum", "true".into())]);
         let resp = self.request_on(self.name(), "GET", &target, None, |r| {
-            r.timeout_recv_response(Some(CHECK_TIMEOUT))
+            if patient {
+                r
+            } else {
+                r.timeout_recv_response(Some(CHECK_TIMEOUT))
+            }
         });
         let mut resp = match resp {
             Ok(r) => r,
@@ -760,7 +788,10 @@ impl Client {
                 ))));
             }
             Some(_) => {}
-            None => *cluster = Some((id, self.name().to_string())),
+            None => {
+                info!("{}: cluster {id}; using {}", self.side, self.name());
+                *cluster = Some((id, self.name().to_string()));
+            }
         }
         self.checked.set(true);
         Ok(())
@@ -783,7 +814,7 @@ impl Client {
         let mut failures = self.failures();
         let mut retried = false;
         loop {
-            let (outcome, sent) = match self.check() {
+            let (outcome, sent) = match self.check(failures.rounds > 0) {
                 Ok(()) => (attempt(), true),
                 Err(Failure::Retry(why)) => (Attempt::Retry(why), false),
                 Err(Failure::Fatal(e)) => (Attempt::Fatal(e), false),

@@ -25,6 +25,11 @@
 //!   hidden keys), so that a hidden write's directories are created in order.
 //! - An answer that cannot be right (an event before N or out of order, a key the watch did
 //!   not ask about) is never applied: the watch is treated as broken and opened again.
+//! - With several source members, a broken watch is opened again on the next member, from
+//!   the index (`Client::failed`). The client checks a member with a quorum read before its
+//!   first request there, so that member has applied every event the mirror saw on the one
+//!   before: the proofs above hold across a move, and a registration index below the
+//!   mirror's still means a restored source, not a lagging follower.
 
 use std::time::Duration;
 

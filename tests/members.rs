@@ -486,6 +486,18 @@ fn another_cluster_at_start(side: Side) {
         tree(&other, "/").is_empty(),
         "nothing is written on the other cluster"
     );
+
+    // One member of each cluster: no telling which is wrong, both are named.
+    let (src, dst) = ends_with(&s, &format!("{m0},{}", other.url));
+    let mut m = Mirror::start(&["--src-prefix", SRC], &src, &dst);
+    assert_eq!(m.wait_exit(Duration::from_secs(30)), 2, "{}", m.stderr());
+    let log = m.stderr();
+    assert!(
+        log.lines().any(|l| l.contains("different clusters")
+            && l.contains(m0.as_str())
+            && l.contains(&other.url)),
+        "{log}"
+    );
 }
 
 #[test]
