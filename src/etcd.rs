@@ -764,15 +764,6 @@ impl Client {
                 "quorum read: HTTP {status} without X-Etcd-Cluster-Id (not an etcd v2 member?)"
             )));
         };
-        if status == 401 || status == 403 {
-            let (code, msg) = etcd_error(&body).unwrap_or((UNAUTHORIZED, "no etcd error".into()));
-            return Err(Failure::Fatal(self.refusal(
-                &format!("GET {}", self.check_key),
-                status,
-                code,
-                &msg,
-            )));
-        }
         let mut cluster = self.cluster.borrow_mut();
         match cluster.as_ref() {
             Some((known, seen)) if *known != id => {
@@ -792,6 +783,16 @@ impl Client {
                 info!("{}: cluster {id}; using {}", self.side, self.name());
                 *cluster = Some((id, self.name().to_string()));
             }
+        }
+        drop(cluster);
+        if status == 401 || status == 403 {
+            let (code, msg) = etcd_error(&body).unwrap_or((UNAUTHORIZED, "no etcd error".into()));
+            return Err(Failure::Fatal(self.refusal(
+                &format!("GET {}", self.check_key),
+                status,
+                code,
+                &msg,
+            )));
         }
         self.checked.set(true);
         Ok(())
