@@ -15,7 +15,9 @@ pub const HELP: &str = "\
 etcdmirror: mirror an etcd v2 cluster (SRC) into a read-only replica (DST)
 
 Usage: etcdmirror [OPTIONS] SRC DST
-  SRC, DST are URLs like https://user:pass@host:2379
+  SRC, DST are URLs like https://user:pass@host:2379, or a cluster's member URLs separated
+  by commas (https://conf1001:2379,https://conf1002:2379): one member is used at a time,
+  and the next at once when it fails
 
 Source and destination (SIDE is src or dst; the flag without a side applies to both):
       --ca-file, --SIDE-ca-file PATH       PEM bundle of CAs to trust, replacing the system's

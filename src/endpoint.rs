@@ -6,16 +6,27 @@ use std::path::Path;
 
 use ureq::tls::{Certificate, ClientCert, PemItem, RootCerts, TlsConfig};
 
-/// One etcd cluster as given on the command line.
+/// One etcd cluster as given on the command line: one or more member URLs, with the
+/// credentials and TLS settings that apply to every member.
 #[derive(Clone)]
 pub struct Endpoint {
-    /// `scheme://host:port`, no credentials: safe to log.
+    /// The members' `scheme://host:port`, comma-separated, no credentials: safe to log.
     pub base: String,
+    /// Each member's `scheme://host:port`, in the order given; never empty.
+    pub members: Vec<String>,
     user: Option<String>,
     password: Option<String>,
     /// The password came from the URL, where `ps` shows it.
     pub password_in_url: bool,
     pub tls: TlsConfig,
+}
+
+/// One member URL taken apart.
+struct Member {
+    scheme: String,
+    base: String,
+    user: Option<String>,
+    password: Option<String>,
 }
 
 impl fmt::Display for Endpoint {
@@ -46,42 +57,75 @@ pub struct Security {
 }
 
 impl Endpoint {
-    /// Parse `http[s]://[user[:password]@]host[:port][/]`. The error never repeats the URL,
-    /// since it may hold a password.
-    pub fn parse(url: &str) -> Result<Endpoint, String> {
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or("not a URL (expected http://host:port or https://host:port)")?;
-        let default_port = match scheme {
-            "http" => 80,
-            "https" => 443,
-            _ => return Err("the scheme must be http or https".into()),
-        };
-        let rest = rest.strip_suffix('/').unwrap_or(rest);
-        if rest.contains(['/', '?', '#']) {
-            return Err("must not contain a path, query or fragment".into());
+    /// Parse a comma-separated list of member URLs, each
+    /// `http[s]://[user[:password]@]host[:port][/]`, as etcdctl's `--endpoints` takes them.
+    ///
+    /// etcd's users are cluster-wide, so credentials in a URL apply to every member: they
+    /// may be given in one URL or repeated, but two members with different credentials are
+    /// refused. All members share one scheme, since the TLS flags apply to all of them (and a
+    /// mixed list would send the credentials in clear text to some members). A member
+    /// listed twice is refused. Errors name a member by its position, never by its URL,
+    /// which may hold a password.
+    pub fn parse(list: &str) -> Result<Endpoint, String> {
+        let several = list.contains(',');
+        let mut members: Vec<Member> = Vec::new();
+        for (i, url) in list.split(',').enumerate() {
+            let n = i.saturating_add(1);
+            let at = |e: String| {
+                if several {
+                    format!("member {n}: {e}")
+                } else {
+                    e
+                }
+            };
+            let url = url.trim();
+            if url.is_empty() {
+                return Err(at("empty (a stray comma?)".into()));
+            }
+            let m = Member::parse(url).map_err(at)?;
+            for (j, other) in members.iter().enumerate() {
+                let j = j.saturating_add(1);
+                if other.base == m.base {
+                    return Err(at(format!("{} is member {j} again", m.base)));
+                }
+                if other.scheme != m.scheme {
+                    return Err(at(format!(
+                        "{} while member {j} is {}: all members use one scheme, since the \
+                         TLS flags apply to all of them",
+                        m.scheme, other.scheme
+                    )));
+                }
+            }
+            members.push(m);
         }
-        let (userinfo, hostport) = match rest.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, rest),
-        };
-        let (host, port) = split_host_port(hostport)?;
-        let port = match port {
-            None => default_port,
-            Some(p) => p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?,
-        };
-        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '%') {
-            return Err("missing or invalid host".into());
+        let mut user = None;
+        let mut password = None;
+        let mut from: Option<usize> = None;
+        for (i, m) in members.iter().enumerate() {
+            if m.user.is_none() {
+                continue;
+            }
+            match from {
+                None => {
+                    user = m.user.clone();
+                    password = m.password.clone();
+                    from = Some(i);
+                }
+                Some(j) if (&m.user, &m.password) != (&user, &password) => {
+                    return Err(format!(
+                        "members {} and {} carry different credentials; etcd's users are \
+                         cluster-wide: give them once",
+                        j.saturating_add(1),
+                        i.saturating_add(1)
+                    ));
+                }
+                Some(_) => {}
+            }
         }
-        let (user, password) = match userinfo {
-            None => (None, None),
-            Some(u) => match u.split_once(':') {
-                Some((user, pass)) => (Some(percent_decode(user)?), Some(percent_decode(pass)?)),
-                None => (Some(percent_decode(u)?), None),
-            },
-        };
+        let bases: Vec<String> = members.into_iter().map(|m| m.base).collect();
         Ok(Endpoint {
-            base: format!("{scheme}://{host}:{port}"),
+            base: bases.join(","),
+            members: bases,
             password_in_url: password.is_some(),
             user,
             password,
@@ -137,6 +181,50 @@ impl Endpoint {
         let user = self.user.as_ref()?;
         let creds = format!("{user}:{}", self.password.as_deref().unwrap_or(""));
         Some(format!("Basic {}", base64(creds.as_bytes())))
+    }
+}
+
+impl Member {
+    /// Parse `http[s]://[user[:password]@]host[:port][/]`. The error never repeats the URL,
+    /// since it may hold a password.
+    fn parse(url: &str) -> Result<Member, String> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or("not a URL (expected http://host:port or https://host:port)")?;
+        let default_port = match scheme {
+            "http" => 80,
+            "https" => 443,
+            _ => return Err("the scheme must be http or https".into()),
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains(['/', '?', '#']) {
+            return Err("must not contain a path, query or fragment".into());
+        }
+        let (userinfo, hostport) = match rest.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, rest),
+        };
+        let (host, port) = split_host_port(hostport)?;
+        let port = match port {
+            None => default_port,
+            Some(p) => p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?,
+        };
+        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '%') {
+            return Err("missing or invalid host".into());
+        }
+        let (user, password) = match userinfo {
+            None => (None, None),
+            Some(u) => match u.split_once(':') {
+                Some((user, pass)) => (Some(percent_decode(user)?), Some(percent_decode(pass)?)),
+                None => (Some(percent_decode(u)?), None),
+            },
+        };
+        Ok(Member {
+            base: format!("{scheme}://{host}:{port}"),
+            scheme: scheme.to_string(),
+            user,
+            password,
+        })
     }
 }
 
@@ -320,6 +408,70 @@ mod tests {
         ] {
             let err = Endpoint::parse(bad).unwrap_err();
             assert!(!err.contains("pw"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn member_lists() {
+        let e = Endpoint::parse("https://conf1001:2379,https://conf1002:2379, https://conf1003/")
+            .unwrap();
+        assert_eq!(
+            e.members,
+            [
+                "https://conf1001:2379",
+                "https://conf1002:2379",
+                "https://conf1003:443"
+            ]
+        );
+        assert_eq!(e.base, e.members.join(","));
+        assert_eq!(e.to_string(), e.base);
+        // Credentials in one URL, or the same in several, apply to every member.
+        for list in [
+            "http://root:pw@a:1,http://b:2",
+            "http://a:1,http://root:pw@b:2",
+            "http://root:pw@a:1,http://root:pw@b:2",
+        ] {
+            let e = Endpoint::parse(list).unwrap();
+            assert_eq!(
+                e.auth_header().as_deref(),
+                Some("Basic cm9vdDpwdw=="),
+                "{list}"
+            );
+            assert!(e.password_in_url);
+            assert_eq!(e.base, "http://a:1,http://b:2");
+        }
+        let one = Endpoint::parse("http://a:1").unwrap();
+        assert_eq!(one.members, ["http://a:1"]);
+    }
+
+    #[test]
+    fn bad_member_lists_are_refused_by_position() {
+        for (list, want) in [
+            ("http://a:1,", "member 2: empty"),
+            (",http://a:1", "member 1: empty"),
+            ("http://a:1,,http://b:2", "member 2: empty"),
+            (
+                "http://a:1,https://b:2",
+                "member 2: https while member 1 is http",
+            ),
+            (
+                "http://a:1,http://a:1/",
+                "member 2: http://a:1 is member 1 again",
+            ),
+            (
+                "http://a,http://a:80",
+                "member 2: http://a:80 is member 1 again",
+            ),
+            ("http://a:1,http://u:pw@b:x", "member 2: bad port"),
+            ("http://u:pw@a:1,http://u:other@b:2", "members 1 and 2"),
+            ("http://u:pw@a:1,http://u@b:2", "different credentials"),
+        ] {
+            let err = Endpoint::parse(list).unwrap_err();
+            assert!(err.contains(want), "{list}: {err}");
+            assert!(
+                !err.contains("pw") && !err.contains("other"),
+                "{list}: {err}"
+            );
         }
     }
 

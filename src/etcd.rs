@@ -1,9 +1,10 @@
 //! The etcd v2 HTTP client: requests, response parsing, and retrying transient faults.
 
+use std::cell::{Cell, RefCell};
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use log::warn;
+use log::{info, warn};
 use serde_json::Value;
 
 use crate::endpoint::Endpoint;
@@ -257,15 +258,62 @@ enum Attempt<T> {
     Ok(T),
 }
 
-/// A client for one cluster. Connections are kept alive and reused.
+/// A client for one cluster, talking to one of its members at a time. Connections are kept
+/// alive and reused.
+///
+/// Failover: any transient fault (refused, reset, timeout, 5xx, a broken answer) moves to
+/// the next member at once; only a whole round of members failing in a row backs off, and
+/// the retry budget runs while no member answers (`failed`). With several members, a member
+/// is used only after a quorum read on it (`check`): it shows the cluster id (a member of
+/// another cluster is refused), reaches the cluster's leader, and has applied every entry
+/// committed before, so that nothing it answers afterwards (a read, a watch registration)
+/// is older than what another member answered before the move.
 pub struct Client {
     agent: ureq::Agent,
-    endpoint: Endpoint,
+    /// "source" or "destination", for messages and the metrics.
+    side: &'static str,
+    /// Each member's `scheme://host:port`; never empty.
+    members: Vec<String>,
+    /// All of them, comma-separated, for messages about the side as a whole.
+    all: String,
+    /// The position in `members` of the member in use.
+    in_use: Cell<usize>,
+    /// The member in use has passed `check` since it was chosen.
+    checked: Cell<bool>,
+    /// The cluster id every member must report (several members only), and the member that
+    /// first reported it.
+    cluster: RefCell<Option<(String, String)>>,
+    /// A key `check` reads on each member: one the side's credentials may read, small
+    /// whatever the mirrored tree holds.
+    check_key: String,
     auth: Option<String>,
     retry_timeout: Duration,
     /// Set once the server has answered: a TLS failure before that is a configuration
     /// error, after it (a certificate rotated on the server) a transient fault.
-    answered: std::cell::Cell<bool>,
+    answered: Cell<bool>,
+}
+
+/// Time a member gets to answer `check` (its quorum read) in the first round of failures,
+/// before the next one is tried. A healthy member answers in one raft round trip; one that
+/// still forwards to a leader that has just died holds the read until etcd's own request
+/// timeout (7 s by default), which is what this bound cuts short. Once a whole round has
+/// failed, members get the usual response timeout, so a cluster that is merely slow still
+/// works.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Failures in a row of one request or one watch, across members: the one retry policy.
+pub struct Failures {
+    backoff: Backoff,
+    /// Members that failed since the last back-off.
+    in_round: usize,
+    /// Whole rounds that failed.
+    rounds: u32,
+}
+
+/// Why an attempt did not get a usable answer.
+enum Failure {
+    Retry(String),
+    Fatal(Error),
 }
 
 /// Percent-encode everything but unreserved characters (and `/` when `keep_slash`).
@@ -325,7 +373,11 @@ fn form_body(params: &[(&str, String)]) -> String {
 }
 
 fn header_u64(resp: &ureq::http::Response<ureq::Body>, name: &str) -> Option<u64> {
-    resp.headers().get(name)?.to_str().ok()?.trim().parse().ok()
+    header_str(resp, name)?.trim().parse().ok()
+}
+
+fn header_str(resp: &ureq::http::Response<ureq::Body>, name: &str) -> Option<String> {
+    Some(resp.headers().get(name)?.to_str().ok()?.to_string())
 }
 
 fn read_body(
@@ -376,8 +428,15 @@ fn etcd_error(body: &[u8]) -> Option<(u64, String)> {
 }
 
 impl Client {
-    /// A client that retries transient faults for up to `retry_timeout`.
-    pub fn new(endpoint: &Endpoint, retry_timeout: Duration) -> Client {
+    /// A client for `endpoint`'s members that retries transient faults for up to
+    /// `retry_timeout` with no member answering. `side` names it in messages and metrics;
+    /// `check_key` is what `check` reads on each member (see the field).
+    pub fn new(
+        endpoint: &Endpoint,
+        side: &'static str,
+        check_key: &str,
+        retry_timeout: Duration,
+    ) -> Client {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
@@ -392,22 +451,56 @@ impl Client {
             .tls_config(endpoint.tls.clone())
             .build()
             .into();
+        let members = if endpoint.members.is_empty() {
+            vec![endpoint.base.clone()]
+        } else {
+            endpoint.members.clone()
+        };
+        let urls = members.clone();
+        crate::metrics::update(|s| {
+            s.members.insert(
+                side.to_string(),
+                crate::metrics::Members {
+                    urls,
+                    in_use: 0,
+                    moves: 0,
+                },
+            );
+        });
         Client {
             agent,
+            side,
+            all: members.join(","),
+            members,
+            in_use: Cell::new(0),
+            checked: Cell::new(false),
+            cluster: RefCell::new(None),
+            check_key: check_key.to_string(),
             auth: endpoint.auth_header(),
-            endpoint: endpoint.clone(),
             retry_timeout,
-            answered: std::cell::Cell::new(false),
+            answered: Cell::new(false),
         }
     }
 
-    /// The cluster's URL without credentials, for messages.
+    /// The URL of the member in use, without credentials, for messages.
     pub fn name(&self) -> &str {
-        &self.endpoint.base
+        self.members
+            .get(self.in_use.get())
+            .map_or(self.all.as_str(), String::as_str)
     }
 
-    fn url(&self, key: &str, query: &[(&str, String)]) -> String {
-        let mut url = format!("{}/v2/keys{}", self.endpoint.base, encode(key, true));
+    /// The side's name on the command line, for messages.
+    fn arg(&self) -> &'static str {
+        if self.side == "source" {
+            "SRC"
+        } else {
+            "DST"
+        }
+    }
+
+    /// Path and query of a key's URL, to be sent to whichever member is in use.
+    fn target(key: &str, query: &[(&str, String)]) -> String {
+        let mut url = format!("/v2/keys{}", encode(key, true));
         if !query.is_empty() {
             url.push('?');
             url.push_str(&form(query));
@@ -418,10 +511,31 @@ impl Client {
     fn request(
         &self,
         method: &str,
-        url: &str,
+        target: &str,
         body: Option<String>,
         idle_read: Option<Duration>,
     ) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+        self.request_on(self.name(), method, target, body, |req| match idle_read {
+            // ureq's per-read bound also caps each read of the TLS handshake and of the
+            // response headers; `--watch-timeout` is at least 5 s, generous for both.
+            Some(t) => req.timeout_recv_body(None).timeout_per_read(Some(t)),
+            None => req,
+        })
+    }
+
+    /// One request to `member`, its timeouts adjusted by `tune`.
+    fn request_on(
+        &self,
+        member: &str,
+        method: &str,
+        target: &str,
+        body: Option<String>,
+        tune: impl FnOnce(
+            ureq::config::ConfigBuilder<ureq::typestate::HttpCrateScope<String>>,
+        )
+            -> ureq::config::ConfigBuilder<ureq::typestate::HttpCrateScope<String>>,
+    ) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+        let url = format!("{member}{target}");
         let mut req = ureq::http::Request::builder().method(method).uri(url);
         if let Some(auth) = &self.auth {
             req = req.header("Authorization", auth);
@@ -433,12 +547,7 @@ impl Client {
         let req = req
             .body(body.unwrap_or_default())
             .map_err(ureq::Error::from)?;
-        let mut req = self.agent.configure_request(req);
-        if let Some(t) = idle_read {
-            // ureq's per-read bound also caps each read of the TLS handshake and of the
-            // response headers; `--watch-timeout` is at least 5 s, generous for both.
-            req = req.timeout_recv_body(None).timeout_per_read(Some(t));
-        }
+        let req = tune(self.agent.configure_request(req));
         let resp = self.agent.run(req.build());
         if resp.is_ok() {
             self.answered.set(true);
@@ -446,29 +555,277 @@ impl Client {
         resp
     }
 
-    /// Run `attempt` until it succeeds, fails for good, or transient faults outlast the budget.
-    /// The flag tells whether any attempt was retried (so a write may have landed already).
+    /// A fresh record of failures in a row, for one request or one watch.
+    pub fn failures(&self) -> Failures {
+        Failures {
+            backoff: Backoff::new(self.retry_timeout),
+            in_round: 0,
+            rounds: 0,
+        }
+    }
+
+    /// `what` failed on the member in use for a transient reason: move to the next member
+    /// at once; once every member has failed in a row, back off before the next round;
+    /// `Err(Transient)` once waiting would pass the budget.
+    pub fn failed(&self, f: &mut Failures, what: &str, why: &str) -> Result<()> {
+        let from = self.name().to_string();
+        f.in_round = f.in_round.saturating_add(1);
+        if f.in_round < self.members.len() {
+            warn!("{what} on {from} failed ({why}); trying the next member");
+            self.move_on(why);
+            crate::metrics::update(|s| s.retries = s.retries.saturating_add(1));
+            return Ok(());
+        }
+        f.in_round = 0;
+        f.rounds = f.rounds.saturating_add(1);
+        if self.members.len() > 1 {
+            warn!(
+                "{what} on {from} failed ({why}); no member of the {} answered, retrying",
+                self.side
+            );
+        } else {
+            warn!("{what} on {from} failed ({why}); retrying");
+        }
+        self.move_on(why);
+        if f.backoff.wait().is_none() {
+            return Err(Error::Transient(if self.members.len() > 1 {
+                format!(
+                    "{what}: no member of the {} ({}) answered; last {from}: {why}",
+                    self.side, self.all
+                )
+            } else {
+                format!("{what} on {from}: {why}")
+            }));
+        }
+        crate::metrics::update(|s| s.retries = s.retries.saturating_add(1));
+        Ok(())
+    }
+
+    /// Move to the next member (with several), to be checked before its first request.
+    fn move_on(&self, why: &str) {
+        let n = self.members.len();
+        if n < 2 {
+            return;
+        }
+        let from = self.name().to_string();
+        let next = self.in_use.get().saturating_add(1) % n;
+        self.use_member(next);
+        info!(
+            "{}: moving from member {from} to {} ({why})",
+            self.side,
+            self.name()
+        );
+        crate::metrics::update(|s| {
+            if let Some(m) = s.members.get_mut(self.side) {
+                m.moves = m.moves.saturating_add(1);
+            }
+        });
+    }
+
+    fn use_member(&self, at: usize) {
+        self.in_use.set(at);
+        self.checked.set(false);
+        crate::metrics::update(|s| {
+            if let Some(m) = s.members.get_mut(self.side) {
+                m.in_use = at;
+            }
+        });
+    }
+
+    /// Ask every member for its cluster id (several members only), each within `timeout`:
+    /// exit 2 naming the members that disagree with the others; otherwise remember the id
+    /// and start on the first member that answered. A member that does not answer now is
+    /// checked when the mirror moves to it.
+    pub fn survey(&self, timeout: Duration) -> Result<()> {
+        if self.members.len() < 2 {
+            return Ok(());
+        }
+        let mut ids: Vec<(usize, String)> = Vec::new();
+        for (i, member) in self.members.iter().enumerate() {
+            let resp = self.request_on(member, "HEAD", "/v2/keys/", None, |r| {
+                r.timeout_global(Some(timeout))
+            });
+            match resp.map(|r| header_str(&r, "x-etcd-cluster-id")) {
+                Ok(Some(id)) => ids.push((i, id)),
+                Ok(None) => warn!(
+                    "{} member {member} answers without an X-Etcd-Cluster-Id header (not an \
+                     etcd v2 member?); it is checked again when the mirror moves to it",
+                    self.side
+                ),
+                Err(e) => warn!(
+                    "{} member {member} does not answer ({e}); it is checked when the mirror \
+                     moves to it",
+                    self.side
+                ),
+            }
+        }
+        let name = |i: &usize| self.members.get(*i).map_or("?", String::as_str);
+        // The id most members report; on a tie, the first member's.
+        let count = |id: &str| ids.iter().filter(|(_, x)| x == id).count();
+        let best = ids
+            .iter()
+            .max_by(|a, b| count(&a.1).cmp(&count(&b.1)).then(b.0.cmp(&a.0)))
+            .map(|(_, id)| id.clone());
+        let Some(best) = best else {
+            return Ok(());
+        };
+        let (same, odd): (Vec<_>, Vec<_>) = ids.iter().partition(|(_, id)| *id == best);
+        if ids
+            .iter()
+            .any(|(_, id)| *id != best && count(id) == count(&best))
+        {
+            // As many members on one side as on the other: no telling which is wrong.
+            let all: Vec<String> = ids
+                .iter()
+                .map(|(i, id)| format!("{} (cluster id {id})", name(i)))
+                .collect();
+            return Err(Error::Usage(format!(
+                "the {} members belong to different clusters: {}; every URL in {} must be a \
+                 member of the same cluster",
+                self.side,
+                all.join(", "),
+                self.arg()
+            )));
+        }
+        if !odd.is_empty() {
+            let odd: Vec<String> = odd
+                .iter()
+                .map(|(i, id)| format!("{} (cluster id {id})", name(i)))
+                .collect();
+            let same: Vec<&str> = same.iter().map(|(i, _)| name(i)).collect();
+            return Err(Error::Usage(format!(
+                "not every {} member belongs to one cluster: {} {} another cluster than {} \
+                 (cluster id {best}); every URL in {} must be a member of the same cluster: \
+                 remove or fix the odd one",
+                self.side,
+                odd.join(", "),
+                if odd.len() > 1 {
+                    "belong to"
+                } else {
+                    "belongs to"
+                },
+                same.join(", "),
+                self.arg()
+            )));
+        }
+        let first = same.first().map_or(0, |(i, _)| *i);
+        *self.cluster.borrow_mut() = Some((best.clone(), name(&first).to_string()));
+        if first != self.in_use.get() {
+            self.use_member(first);
+        }
+        info!(
+            "{}: {} members of cluster {best}; using {}",
+            self.side,
+            self.members.len(),
+            self.name()
+        );
+        Ok(())
+    }
+
+    /// With several members, before the first request on a member: one quorum read of
+    /// `check_key` on it, within `CHECK_TIMEOUT` unless `patient`. It must report the cluster
+    /// id the others reported (another one stops the mirror: exit 2, the member list is
+    /// wrong); a member that cannot answer it (down, no leader, cut off from the others) is
+    /// passed over.
+    fn check(&self, patient: bool) -> std::result::Result<(), Failure> {
+        if self.members.len() < 2 || self.checked.get() {
+            return Ok(());
+        }
+        let target = Self::target(&self.check_key, &[("quorum", "true".into())]);
+        let resp = self.request_on(self.name(), "GET", &target, None, |r| {
+            if patient {
+                r
+            } else {
+                r.timeout_recv_response(Some(CHECK_TIMEOUT))
+            }
+        });
+        let mut resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(match failed::<()>(e, self.name(), self.answered.get()) {
+                    Attempt::Fatal(e) => Failure::Fatal(e),
+                    Attempt::Retry(why) => Failure::Retry(format!("quorum read: {why}")),
+                    Attempt::Ok(()) => Failure::Retry("quorum read: no answer".into()),
+                })
+            }
+        };
+        let status = resp.status().as_u16();
+        let id = header_str(&resp, "x-etcd-cluster-id");
+        let body = read_body(&mut resp)
+            .map_err(|e| Failure::Retry(format!("reading a quorum read: {e}")))?;
+        if status >= 500 {
+            let text = String::from_utf8_lossy(&body).trim().to_string();
+            return Err(Failure::Retry(format!(
+                "quorum read: HTTP {status}: {text}"
+            )));
+        }
+        let Some(id) = id else {
+            return Err(Failure::Retry(format!(
+                "quorum read: HTTP {status} without X-Etcd-Cluster-Id (not an etcd v2 member?)"
+            )));
+        };
+        let mut cluster = self.cluster.borrow_mut();
+        match cluster.as_ref() {
+            Some((known, seen)) if *known != id => {
+                return Err(Failure::Fatal(Error::Usage(format!(
+                    "{} member {} reports cluster id {id}, but {seen} reported {known}: it is \
+                     not a member of the cluster the mirror uses (a wrong URL in {}, or a \
+                     member rebuilt as a new cluster); nothing was read from or written to it. \
+                     Fix the member list (if the whole cluster was rebuilt or restored, compare \
+                     the trees with --reload --dry-run first)",
+                    self.side,
+                    self.name(),
+                    self.arg()
+                ))));
+            }
+            Some(_) => {}
+            None => {
+                info!("{}: cluster {id}; using {}", self.side, self.name());
+                *cluster = Some((id, self.name().to_string()));
+            }
+        }
+        drop(cluster);
+        if status == 401 || status == 403 {
+            let (code, msg) = etcd_error(&body).unwrap_or((UNAUTHORIZED, "no etcd error".into()));
+            return Err(Failure::Fatal(self.refusal(
+                &format!("GET {}", self.check_key),
+                status,
+                code,
+                &msg,
+            )));
+        }
+        self.checked.set(true);
+        Ok(())
+    }
+
+    /// Check the member in use again before its next request (a quorum read, see `check`):
+    /// a member cut off from the others is then passed over.
+    pub fn recheck(&self) {
+        self.checked.set(false);
+    }
+
+    /// Run `attempt` on the member in use until it succeeds, fails for good, or transient
+    /// faults outlast the budget (`failed`). The flag tells whether a request was retried
+    /// (so a write may have landed already).
     fn retrying<T>(
         &self,
         what: &str,
         mut attempt: impl FnMut() -> Attempt<T>,
     ) -> Result<(T, bool)> {
-        let mut backoff = Backoff::new(self.retry_timeout);
+        let mut failures = self.failures();
         let mut retried = false;
         loop {
-            match attempt() {
+            let (outcome, sent) = match self.check(failures.rounds > 0) {
+                Ok(()) => (attempt(), true),
+                Err(Failure::Retry(why)) => (Attempt::Retry(why), false),
+                Err(Failure::Fatal(e)) => (Attempt::Fatal(e), false),
+            };
+            match outcome {
                 Attempt::Ok(v) => return Ok((v, retried)),
                 Attempt::Fatal(e) => return Err(e),
                 Attempt::Retry(why) => {
-                    warn!("{what} on {} failed ({why}); retrying", self.name());
-                    if backoff.wait().is_none() {
-                        return Err(Error::Transient(format!(
-                            "{what} on {}: {why}",
-                            self.name()
-                        )));
-                    }
-                    crate::metrics::update(|s| s.retries = s.retries.saturating_add(1));
-                    retried = true;
+                    self.failed(&mut failures, what, &why)?;
+                    retried |= sent;
                 }
             }
         }
@@ -487,11 +844,7 @@ impl Client {
             .map_err(|e| failed(e, self.name(), self.answered.get()))?;
         let status = resp.status().as_u16();
         let index = header_u64(&resp, "x-etcd-index").unwrap_or(0);
-        let cluster_id = resp
-            .headers()
-            .get("x-etcd-cluster-id")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let cluster_id = header_str(&resp, "x-etcd-cluster-id");
         let body = read_body(&mut resp)
             .map_err(|e| Attempt::Retry(format!("reading the response: {e}")))?;
         if status >= 500 {
@@ -513,7 +866,7 @@ impl Client {
         } else {
             Vec::new()
         };
-        let url = self.url(key, &query);
+        let url = Self::target(key, &query);
         let what = format!("GET {key}");
         let (got, _) = self.retrying(&what, || {
             let (status, body, mut got) = match self.exchange("GET", &url, None) {
@@ -594,7 +947,7 @@ impl Client {
             None => vec![("dir", "true".to_string())],
         };
         cond_params(cond, &mut params);
-        let url = self.url(key, &[]);
+        let url = Self::target(key, &[]);
         self.write("PUT", &url, Some(form_body(&params)), &format!("PUT {key}"))
     }
 
@@ -614,7 +967,7 @@ impl Client {
             params.push(("recursive", "true".to_string()));
         }
         cond_params(cond, &mut params);
-        let url = self.url(key, &params);
+        let url = Self::target(key, &params);
         self.write("DELETE", &url, None, &format!("DELETE {key}"))
     }
 
@@ -637,7 +990,7 @@ impl Client {
         if streamed {
             query.push(("stream", "true".to_string()));
         }
-        let url = self.url(key, &query);
+        let url = Self::target(key, &query);
         let what = match wait_index {
             Some(i) => format!("watch {key} from {i}"),
             None => format!("watch {key} from now"),
@@ -745,6 +1098,49 @@ mod tests {
             let back = parse_form(&form_body(&p));
             proptest::prop_assert_eq!(back, vec![("value".into(), a), ("prevValue".into(), b)]);
         }
+    }
+
+    fn client(list: &str, budget: Duration) -> Client {
+        Client::new(&Endpoint::parse(list).unwrap(), "source", "/x", budget)
+    }
+
+    /// A failure moves to the next member at once; the budget is spent only when a whole
+    /// round of members failed in a row.
+    #[test]
+    fn failures_move_at_once_and_back_off_per_round() {
+        let c = client("http://a:1,http://b:2,http://c:3", Duration::ZERO);
+        let mut f = c.failures();
+        assert_eq!(c.name(), "http://a:1");
+        assert!(c.failed(&mut f, "GET /k", "refused").is_ok());
+        assert_eq!(c.name(), "http://b:2");
+        assert!(!c.checked.get());
+        assert!(c.failed(&mut f, "GET /k", "refused").is_ok());
+        assert_eq!(c.name(), "http://c:3");
+        let err = c.failed(&mut f, "GET /k", "refused").unwrap_err();
+        assert_eq!(c.name(), "http://a:1");
+        assert_eq!(err.exit_code(), 1);
+        let text = err.to_string();
+        assert!(text.contains("no member of the source") && text.contains("http://b:2"));
+
+        // A round that backs off (within the budget) starts a new round.
+        let c = client("http://a:1,http://b:2", Duration::from_secs(60));
+        let mut f = c.failures();
+        for member in ["http://b:2", "http://a:1", "http://b:2", "http://a:1"] {
+            assert!(c.failed(&mut f, "GET /k", "refused").is_ok());
+            assert_eq!(c.name(), member);
+        }
+        assert_eq!(f.in_round, 0);
+
+        // One member: every failure is a round, as before members existed.
+        let c = client("http://a:1", Duration::ZERO);
+        let err = c
+            .failed(&mut c.failures(), "GET /k", "refused")
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "giving up after transient failures: GET /k on http://a:1: refused"
+        );
+        assert_eq!(c.name(), "http://a:1");
     }
 
     #[test]

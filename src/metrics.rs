@@ -26,11 +26,24 @@ pub struct Stats {
     pub idle_advances: u64,
     pub retries: u64,
     pub last_watch: Option<Instant>,
+    /// Each side's members ("source", "destination").
+    pub members: BTreeMap<String, Members>,
     write_buckets: [u64; BUCKETS.len()],
     write_sum: f64,
     write_count: u64,
     load_sum: f64,
     load_count: u64,
+}
+
+/// One side's members, as its client uses them.
+#[derive(Debug, Clone, Default)]
+pub struct Members {
+    /// Member URLs, without credentials.
+    pub urls: Vec<String>,
+    /// The position in `urls` of the member in use.
+    pub in_use: usize,
+    /// Moves to another member after a failure.
+    pub moves: u64,
 }
 
 static STATS: Mutex<Option<Stats>> = Mutex::new(None);
@@ -205,6 +218,37 @@ pub fn render(s: &Stats, now: Instant) -> String {
     );
     let _ = writeln!(o, "etcdmirror_load_time_sum {}", s.load_sum);
     let _ = writeln!(o, "etcdmirror_load_time_count {}", s.load_count);
+    metric(
+        &mut o,
+        "etcdmirror_member_in_use",
+        "gauge",
+        "Each member of each side: 1 for the one the mirror talks to, 0 for the others.",
+    );
+    for (side, m) in &s.members {
+        for (i, url) in m.urls.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "etcdmirror_member_in_use{{side=\"{}\",url=\"{}\"}} {}",
+                label(side),
+                label(url),
+                u8::from(i == m.in_use)
+            );
+        }
+    }
+    metric(
+        &mut o,
+        "etcdmirror_member_moves_total",
+        "counter",
+        "Moves to the next member of a side after a failure.",
+    );
+    for (side, m) in &s.members {
+        let _ = writeln!(
+            o,
+            "etcdmirror_member_moves_total{{side=\"{}\"}} {}",
+            label(side),
+            m.moves
+        );
+    }
     metric(
         &mut o,
         "etcdmirror_build_info",
@@ -468,7 +512,20 @@ mod tests {
         s.observe_write(Duration::from_millis(3));
         s.observe_write(Duration::from_secs(9));
         s.observe_load(Duration::from_secs(2));
+        s.members.insert(
+            "source".into(),
+            Members {
+                urls: vec!["http://s1:2379".into(), "http://s2:2379".into()],
+                in_use: 1,
+                moves: 4,
+            },
+        );
         let text = render(&s, Instant::now());
+        assert!(text.contains(
+            "etcdmirror_member_in_use{side=\"source\",url=\"http://s1:2379\"} 0\n\
+             etcdmirror_member_in_use{side=\"source\",url=\"http://s2:2379\"} 1\n"
+        ));
+        assert!(text.contains("etcdmirror_member_moves_total{side=\"source\"} 4\n"));
         assert!(text.contains("etcdmirror_replicated_events_total 3\n"));
         assert!(text.contains("etcdmirror_lag 20\n"));
         assert!(text.contains("etcdmirror_events_total{action=\"delete\"} 1\n"));

@@ -48,12 +48,7 @@ impl<'a> Mirror<'a> {
     pub fn run(&mut self) -> Result<()> {
         info!("Starting replication at {}", self.index);
         metrics::update(|s| s.replicated_index = self.index);
-        let mut watch = Watch::new(
-            self.src,
-            &self.keys.src_prefix,
-            self.cfg.watch_timeout,
-            self.cfg.retry_timeout,
-        );
+        let mut watch = Watch::new(self.src, &self.keys.src_prefix, self.cfg.watch_timeout);
         loop {
             match watch.next(self.index)? {
                 Arrival::Event(ev) => {

@@ -8,7 +8,7 @@ use crate::cli::Config;
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
 use crate::etcd::{encode, Client};
-use crate::{dest, metrics, mirror, reload};
+use crate::{dest, keys, metrics, mirror, reload};
 
 /// Log to stderr; under systemd (`JOURNAL_STREAM`) with syslog priorities and no timestamps.
 /// Whatever `RUST_LOG` says, other crates log at info and above only (see `OwnDetail`).
@@ -122,8 +122,26 @@ pub fn run(cfg: &Config) -> Result<()> {
         &cfg.keys.index_key(),
         probe_timeout,
     )?;
-    let src = Client::new(&cfg.src, cfg.retry_timeout);
-    let dst = Client::new(&cfg.dst, cfg.retry_timeout);
+    // What a member is checked with before its first use (several members): a key each
+    // side's credentials may read, small whatever the tree holds. On the source, a key
+    // nobody writes under the prefix (its absence is answer enough); on the destination,
+    // the replication index.
+    let src = Client::new(
+        &cfg.src,
+        "source",
+        &keys::join(&cfg.keys.src_prefix, "_etcdmirror_member_check"),
+        cfg.retry_timeout,
+    );
+    let dst = Client::new(
+        &cfg.dst,
+        "destination",
+        &cfg.keys.index_key(),
+        cfg.retry_timeout,
+    );
+    // A member that does not answer this soon is checked when the mirror moves to it.
+    let survey_timeout = probe_timeout.min(Duration::from_secs(3));
+    src.survey(survey_timeout)?;
+    dst.survey(survey_timeout)?;
     if cfg.keys.feeds_itself() {
         let (s, d) = (
             src.get("/", false)?.cluster_id,
@@ -169,8 +187,8 @@ pub fn run(cfg: &Config) -> Result<()> {
 /// Exit 2 at start when a side refuses the credentials (etcd's own v2 auth answers 401,
 /// errorCode 110, both for a wrong password and for a user without read access to `key`),
 /// naming the side and the flags to check. One HEAD of the first key the mirror reads on
-/// that side; any other outcome (unreachable, TLS, 404) is left to the client, which
-/// retries or reports it.
+/// that side, on its members in turn until one answers (users are cluster-wide); any other
+/// outcome (unreachable, TLS, 404) is left to the client, which retries or reports it.
 fn check_access(ep: &Endpoint, role: &str, side: &str, key: &str, timeout: Duration) -> Result<()> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -180,14 +198,16 @@ fn check_access(ep: &Endpoint, role: &str, side: &str, key: &str, timeout: Durat
         .tls_config(ep.tls.clone())
         .build()
         .into();
-    let url = format!("{}/v2/keys{}", ep.base, encode(key, true));
-    let mut req = agent.head(&url);
-    if let Some(auth) = ep.auth_header() {
-        req = req.header("Authorization", &auth);
-    }
-    let status = match req.call() {
-        Ok(resp) => resp.status().as_u16(),
-        Err(_) => return Ok(()),
+    let answer = ep.members.iter().find_map(|member| {
+        let url = format!("{member}/v2/keys{}", encode(key, true));
+        let mut req = agent.head(&url);
+        if let Some(auth) = ep.auth_header() {
+            req = req.header("Authorization", &auth);
+        }
+        req.call().ok().map(|resp| resp.status().as_u16())
+    });
+    let Some(status) = answer else {
+        return Ok(());
     };
     if status != 401 && status != 403 {
         return Ok(());

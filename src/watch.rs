@@ -25,13 +25,18 @@
 //!   hidden keys), so that a hidden write's directories are created in order.
 //! - An answer that cannot be right (an event before N or out of order, a key the watch did
 //!   not ask about) is never applied: the watch is treated as broken and opened again.
+//! - With several source members, a broken watch is opened again on the next member, from
+//!   the index (`Client::failed`). The client checks a member with a quorum read before its
+//!   first request there, so that member has applied every event the mirror saw on the one
+//!   before: the proofs above hold across a move, and a registration index below the
+//!   mirror's still means a restored source, not a lagging follower.
 
 use std::time::Duration;
 
 use log::{debug, warn};
 
 use crate::error::{Error, Result};
-use crate::etcd::{Backoff, Client, Event, Next, Opened, Stream, UNAUTHORIZED};
+use crate::etcd::{Client, Event, Failures, Next, Opened, Stream, UNAUTHORIZED};
 use crate::keys::below;
 use crate::metrics;
 
@@ -74,7 +79,6 @@ pub struct Watch<'a> {
     prefix: String,
     /// How long silence must last to count as proof (`--watch-timeout`).
     hold: Duration,
-    retry_timeout: Duration,
     /// The stream events arrive on.
     live: Option<Open>,
     /// Catching up: the live stream was registered at this index, and the events up to it
@@ -83,7 +87,8 @@ pub struct Watch<'a> {
     /// A live event that arrived after a gap in the index, delivered once the history of
     /// the gap has been read.
     pending: Option<Event>,
-    broken: Option<Backoff>,
+    /// Breaks in a row, across members (the client's retry policy).
+    broken: Option<Failures>,
 }
 
 /// What one long poll on the history gave while catching up.
@@ -117,18 +122,12 @@ fn implausible(ev: &Event, from: u64, last: Option<u64>, key: &str) -> Option<St
 }
 
 impl<'a> Watch<'a> {
-    pub fn new(
-        src: &'a Client,
-        prefix: &str,
-        hold: Duration,
-        retry_timeout: Duration,
-    ) -> Watch<'a> {
+    pub fn new(src: &'a Client, prefix: &str, hold: Duration) -> Watch<'a> {
         Watch {
             src,
             key: "/".to_string(),
             prefix: prefix.to_string(),
             hold,
-            retry_timeout,
             live: None,
             replay_to: None,
             pending: None,
@@ -205,8 +204,11 @@ impl<'a> Watch<'a> {
                 }
                 Ok(Next::Quiet) => {
                     // Renewed from the next index: a new registration is also the proof for
-                    // writes no live watch sees (TTL refreshes, hidden keys).
+                    // writes no live watch sees (TTL refreshes, hidden keys). With several
+                    // members, the member is checked again first: one cut off from the
+                    // others would be quiet forever.
                     self.broken = None;
+                    self.src.recheck();
                     return Ok(Arrival::Quiet(open.registered));
                 }
                 Ok(Next::Closed) => {
@@ -359,23 +361,15 @@ impl<'a> Watch<'a> {
         }
     }
 
-    /// A watch broke (reset, garbage, an impossible answer): retry within the budget.
+    /// A watch broke (reset, garbage, an impossible answer): the next member is tried at
+    /// once, and a whole round of breaks backs off, within the budget (`Client::failed`).
     fn broke(&mut self, why: String) -> Result<()> {
         self.live = None;
         self.replay_to = None;
         self.pending = None;
-        let backoff = self
-            .broken
-            .get_or_insert_with(|| Backoff::new(self.retry_timeout));
-        warn!("watch on {} broke ({why}); reconnecting", self.src.name());
-        metrics::update(|s| s.retries = s.retries.saturating_add(1));
-        match backoff.wait() {
-            Some(_) => Ok(()),
-            None => Err(Error::Transient(format!(
-                "watch on {}: {why}",
-                self.src.name()
-            ))),
-        }
+        let src = self.src;
+        let failures = self.broken.get_or_insert_with(|| src.failures());
+        src.failed(failures, "watch", &why)
     }
 }
 

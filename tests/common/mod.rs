@@ -1217,3 +1217,240 @@ impl Drop for NoSkip {
         }
     }
 }
+
+/// One member of a `Cluster`.
+pub struct Member {
+    /// Its client URL (`http://127.0.0.1:PORT`).
+    pub url: String,
+    pub name: String,
+    pub client_port: u16,
+    /// A client for this member alone.
+    pub client: Client,
+    /// `None` once killed.
+    child: Option<Child>,
+    /// The etcd command line, to start it again on the same data dir and ports.
+    argv: Vec<std::ffi::OsString>,
+    log: PathBuf,
+}
+
+impl Member {
+    fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.log)
+            .expect("etcd log");
+        let log2 = log.try_clone().expect("etcd log");
+        let child = Command::new("etcd")
+            .args(&self.argv)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .expect("spawn etcd (apt-get install etcd-server)");
+        self.child = Some(child);
+    }
+
+    /// The etcd process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The member answers and has a leader (`/health` is true).
+    pub fn healthy(&self) -> bool {
+        let agent = ureq::Agent::new_with_config(
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(2)))
+                .build(),
+        );
+        agent
+            .get(format!("{}/health", self.url))
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_to_string().ok())
+            .is_some_and(|t| t.contains("\"health\":\"true\""))
+    }
+
+    /// Raft state from `/v2/stats/self` ("StateLeader", "StateFollower", ...).
+    pub fn raft_state(&self) -> Option<String> {
+        let r = self
+            .client
+            .agent
+            .get(format!("{}/v2/stats/self", self.url))
+            .call()
+            .ok()?;
+        let text = r.into_body().read_to_string().ok()?;
+        let v: Value = serde_json::from_str(&text).ok()?;
+        v["state"].as_str().map(str::to_string)
+    }
+}
+
+/// A real etcd cluster of several members on loopback, every member listed in the others'
+/// `--initial-cluster`; data dirs under /dev/shm. Members can be killed and started again;
+/// all are killed on drop.
+pub struct Cluster {
+    pub members: Vec<Member>,
+    _scratch: Scratch,
+}
+
+impl Cluster {
+    /// Start `n` members and wait until each answers with a leader.
+    pub fn start(tag: &str, n: usize) -> Cluster {
+        let mut last = String::new();
+        for attempt in 0..5 {
+            match Self::try_start(tag, n, attempt) {
+                Ok(c) => return c,
+                Err(e) => last = e,
+            }
+        }
+        panic!("could not start a {n}-member etcd cluster: {last}");
+    }
+
+    fn try_start(tag: &str, n: usize, attempt: usize) -> Result<Cluster, String> {
+        let scratch = Scratch::new(&format!("cluster-{tag}"));
+        let id = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let token = format!("{}-{}-{id}-{attempt}", sanitize(tag), std::process::id());
+        let mut ports = Vec::new();
+        while ports.len() < 2 * n {
+            let p = free_port();
+            if !ports.contains(&p) {
+                ports.push(p);
+            }
+        }
+        let names: Vec<String> = (0..n).map(|i| format!("{token}-m{i}")).collect();
+        let peer = |i: usize| format!("http://127.0.0.1:{}", ports[2 * i + 1]);
+        let initial: Vec<String> = (0..n)
+            .map(|i| format!("{}={}", names[i], peer(i)))
+            .collect();
+        let mut members = Vec::new();
+        for i in 0..n {
+            let url = format!("http://127.0.0.1:{}", ports[2 * i]);
+            let data = scratch.path.join(format!("m{i}"));
+            let argv: Vec<std::ffi::OsString> = [
+                "--name",
+                &names[i],
+                "--data-dir",
+                &data.to_string_lossy(),
+                "--enable-v2=true",
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+                "--listen-peer-urls",
+                &peer(i),
+                "--initial-advertise-peer-urls",
+                &peer(i),
+                "--initial-cluster",
+                &initial.join(","),
+                "--initial-cluster-token",
+                &token,
+                "--initial-cluster-state",
+                "new",
+                "--logger=zap",
+                "--log-outputs=stderr",
+                "--log-level=warn",
+            ]
+            .iter()
+            .map(|s| s.into())
+            .collect();
+            let mut m = Member {
+                client: Client::new(&url),
+                url,
+                name: names[i].clone(),
+                client_port: ports[2 * i],
+                child: None,
+                argv,
+                log: scratch.path.join(format!("m{i}.log")),
+            };
+            m.spawn();
+            members.push(m);
+        }
+        let mut cluster = Cluster {
+            members,
+            _scratch: scratch,
+        };
+        let start = Instant::now();
+        while !cluster.members.iter().all(Member::healthy) {
+            for (i, m) in cluster.members.iter_mut().enumerate() {
+                if let Some(Ok(Some(st))) = m.child.as_mut().map(Child::try_wait) {
+                    let log = fs::read_to_string(&m.log).unwrap_or_default();
+                    return Err(format!(
+                        "member {i} exited with {st} during startup: {}",
+                        tail(&log, 5)
+                    ));
+                }
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                return Err("the cluster was not healthy within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(cluster)
+    }
+
+    pub fn member(&self, i: usize) -> &Member {
+        &self.members[i]
+    }
+
+    /// The members' client URLs in the order given, comma-separated (as SRC or DST).
+    pub fn urls(&self, order: &[usize]) -> String {
+        order
+            .iter()
+            .map(|&i| self.members[i].url.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// SIGKILL member `i` and reap it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start member `i` again on its data dir and ports (without waiting for it).
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.members[i].spawn();
+    }
+
+    /// The member that is the leader, as the running members see it (bounded wait).
+    pub fn leader(&self) -> usize {
+        let mut found = None;
+        wait_until(Duration::from_secs(20), "a leader", || {
+            found = self
+                .members
+                .iter()
+                .position(|m| m.is_running() && m.raft_state().as_deref() == Some("StateLeader"));
+            found.is_some()
+        });
+        found.unwrap()
+    }
+
+    /// A client for some running member that is healthy (bounded wait).
+    pub fn client(&self) -> &Client {
+        let mut found = None;
+        wait_until(Duration::from_secs(20), "a healthy member", || {
+            found = self
+                .members
+                .iter()
+                .position(|m| m.is_running() && m.healthy());
+            found.is_some()
+        });
+        &self.members[found.unwrap()].client
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
