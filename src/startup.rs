@@ -13,11 +13,21 @@ use crate::{dest, metrics, mirror, reload};
 /// Log to stderr; under systemd (`JOURNAL_STREAM`) with syslog priorities and no timestamps.
 /// Whatever `RUST_LOG` says, other crates log at info and above only (see `OwnDetail`).
 pub fn init_logging(debug: bool) {
+    init_logging_from(debug, "info");
+}
+
+/// Logging for `--check`, whose result is its one line on stdout: errors only on stderr
+/// unless `-d` or `RUST_LOG` ask for more (some monitoring systems show stderr too).
+pub fn init_quiet_logging(debug: bool) {
+    init_logging_from(debug, "error");
+}
+
+fn init_logging_from(debug: bool, level: &str) {
     // -d is about the mirror's own decisions, not the HTTP library's internals.
     let default = if debug {
-        "info,etcdmirror=debug"
+        "info,etcdmirror=debug".to_string()
     } else {
-        "info"
+        level.to_string()
     };
     let mut builder =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default));
