@@ -45,6 +45,14 @@ Reload:
       --force                      with --reload(-only): allow SRC and DST to be the same
                                    cluster, and a plan that deletes more than half of the
                                    destination's keys
+Check (a read-only audit for monitoring; its own exit codes, below):
+      --check                      compare the replica with SRC key by key (the mirror's
+                                   mapping and filters), print one line (OK/WARNING/CRITICAL/
+                                   UNKNOWN) and exit; never writes, serves no metrics
+      --check-wait SECS            how long a difference may be replication lag: the wait for
+                                   the replica's index to reach the source's; also bounds the
+                                   retries of a side that does not answer [default: 10]
+      --json                       with --check: print every difference as one JSON document
 Metrics:
       --port PORT                  serve /metrics and /lag on this port, 0 = off [default: 8000]
       --listen ADDR                address for the metrics endpoint [default: 0.0.0.0]
@@ -61,6 +69,13 @@ Exit codes:
   4  source index cleared: history window lost (run with --reload)
   5  another writer changed the replication index (stop the other mirror)
   6  etcd refused a request for a reason that is not the key's state (e.g. too large)
+
+With --check the exit codes are a monitoring plugin's (Nagios, Icinga), not the above:
+  0  OK: the replica equals the source (after waiting out replication lag)
+  1  WARNING: no difference confirmed, but the replica did not reach the source's index
+     within --check-wait (replication stopped or slow), so some keys could not be compared
+  2  CRITICAL: keys differ, or the replication index is ahead of the source
+  3  UNKNOWN: a side unreachable or refusing, no replication index, or a bad command line
 
 Signals: SIGTERM and SIGINT end the process at once by the signal itself, without an exit
 code (a shell shows 143 or 130); systemd counts that as a clean stop and does not restart
@@ -94,6 +109,8 @@ pub struct Config {
     pub metrics: Option<std::net::SocketAddr>,
     pub watch_timeout: Duration,
     pub retry_timeout: Duration,
+    /// `--check`: audit instead of replicating.
+    pub check: Option<crate::check::Options>,
 }
 
 /// The command line as typed, before validation.
@@ -110,6 +127,9 @@ struct RawArgs {
     reload_only: bool,
     dry_run: bool,
     force: bool,
+    check: bool,
+    check_wait: Option<String>,
+    json: bool,
     port: Option<String>,
     listen: Option<String>,
     /// TLS flags without a side, then per side.
@@ -142,7 +162,7 @@ where
 
 /// Messages repeat what was typed (paths, flags): escape control characters, so that each
 /// stays one line and cannot drive the terminal.
-fn one_line(m: String) -> String {
+pub(crate) fn one_line(m: String) -> String {
     if !m.contains(char::is_control) {
         return m;
     }
@@ -174,6 +194,9 @@ where
             Long("reload-only") => raw.reload_only = true,
             Long("dry-run") => raw.dry_run = true,
             Long("force") => raw.force = true,
+            Long("check") => raw.check = true,
+            Long("json") => raw.json = true,
+            Long("check-wait") => raw.check_wait = Some(p.value()?.string()?),
             Long("src-prefix") => raw.src_prefix = Some(p.value()?.string()?),
             Long("dst-prefix") => raw.dst_prefix = Some(p.value()?.string()?),
             Long("src-ignore-keys-regex") => raw.ignore = Some(p.value()?.string()?),
@@ -305,6 +328,7 @@ fn validate(raw: RawArgs) -> Result<Config> {
             "--force only makes sense with --reload or --reload-only".into(),
         ));
     }
+    let check = check_options(raw.check, raw.check_wait, raw.json, raw.reload)?;
     let keys = KeyMap {
         src_prefix: prefix("--src-prefix", raw.src_prefix, "/")?,
         dst_prefix: prefix("--dst-prefix", raw.dst_prefix, "/replica")?,
@@ -352,7 +376,45 @@ fn validate(raw: RawArgs) -> Result<Config> {
         metrics,
         watch_timeout,
         retry_timeout,
+        check,
     })
+}
+
+/// `--check` and its flags; it reads only, so it does not combine with a reload.
+fn check_options(
+    check: bool,
+    wait: Option<String>,
+    json: bool,
+    reload: bool,
+) -> Result<Option<crate::check::Options>> {
+    if !check {
+        return match (wait.is_some(), json) {
+            (true, _) => Err(usage("--check-wait only makes sense with --check".into())),
+            (_, true) => Err(usage("--json only makes sense with --check".into())),
+            _ => Ok(None),
+        };
+    }
+    if reload {
+        return Err(usage(
+            "--check only reads: it does not combine with --reload".into(),
+        ));
+    }
+    Ok(Some(crate::check::Options {
+        wait: seconds("--check-wait", wait, crate::check::DEFAULT_WAIT)?,
+        json,
+    }))
+}
+
+/// Whether the words ask for `--check` (or `--json`), looked at before they are parsed: a
+/// command line that does not parse is then reported as a check result (UNKNOWN).
+pub fn asks_for_check(args: &[OsString]) -> (bool, bool) {
+    let words = args.iter().take_while(|a| *a != "--");
+    let (mut check, mut json) = (false, false);
+    for a in words {
+        check |= a == "--check";
+        json |= a == "--json";
+    }
+    (check, json)
 }
 
 #[cfg(test)]
@@ -447,11 +509,57 @@ mod tests {
     }
 
     #[test]
+    fn check_flags() {
+        let ends = ["http://a:1", "http://b:2"];
+        fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+            let mut v: Vec<&str> = extra.to_vec();
+            v.extend(["http://a:1", "http://b:2"]);
+            v
+        }
+        assert_eq!(run(&ends).check, None);
+        let c = run(&with(&["--check"]));
+        let wait = Duration::from_secs_f64(crate::check::DEFAULT_WAIT);
+        assert_eq!(c.check, Some(crate::check::Options { wait, json: false }));
+        // The mirror's own flags are accepted, so that $ETCDMIRROR_ARGS can follow --check.
+        let c = run(&with(&[
+            "--check",
+            "--check-wait=2.5",
+            "--json",
+            "--port",
+            "8000",
+            "--watch-timeout",
+            "30",
+        ]));
+        assert_eq!(
+            c.check,
+            Some(crate::check::Options {
+                wait: Duration::from_millis(2500),
+                json: true
+            })
+        );
+        assert!(usage_error(&with(&["--check-wait", "3"])).contains("--check"));
+        assert!(usage_error(&with(&["--json"])).contains("--check"));
+        assert!(usage_error(&with(&["--check", "--reload"])).contains("--reload"));
+        assert!(usage_error(&with(&["--check", "--dry-run"])).contains("--reload"));
+        assert!(usage_error(&with(&["--check", "--check-wait", "0"])).contains("--check-wait"));
+        assert!(usage_error(&with(&["--check", "--check-wait"])).contains("--check-wait"));
+        let words = |w: &[&str]| w.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            asks_for_check(&words(&["--bogus", "--check"])),
+            (true, false)
+        );
+        assert_eq!(asks_for_check(&words(&["--json", "--check"])), (true, true));
+        assert_eq!(asks_for_check(&words(&["--checks", "x"])), (false, false));
+        assert_eq!(asks_for_check(&words(&["--", "--check"])), (false, false));
+    }
+
+    #[test]
     fn help_and_version() {
         assert!(matches!(parse(["--help"]), Ok(Command::Help)));
         assert!(matches!(parse(["-h", "x"]), Ok(Command::Help)));
         assert!(matches!(parse(["--version"]), Ok(Command::Version)));
         assert!(HELP.contains("5  another writer"));
+        assert!(HELP.contains("With --check the exit codes"));
     }
 
     #[test]
@@ -528,7 +636,7 @@ mod tests {
         use proptest::prelude::*;
         use std::os::unix::ffi::OsStringExt;
 
-        const SWITCHES: [&str; 9] = [
+        const SWITCHES: [&str; 11] = [
             "-d",
             "--debug",
             "-h",
@@ -538,13 +646,16 @@ mod tests {
             "--reload",
             "--dry-run",
             "--force",
+            "--check",
+            "--json",
         ];
-        const VALUED: [&str; 23] = [
+        const VALUED: [&str; 24] = [
             "--src-prefix",
             "--dst-prefix",
             "--src-ignore-keys-regex",
             "--watch-timeout",
             "--retry-timeout",
+            "--check-wait",
             "--port",
             "--listen",
             "--ca-file",

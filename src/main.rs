@@ -10,6 +10,7 @@
     )
 )]
 
+mod check;
 mod cli;
 mod dest;
 mod endpoint;
@@ -25,12 +26,21 @@ mod reload;
 mod startup;
 mod watch;
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
 use cli::Command;
 
 fn main() -> ExitCode {
-    let outcome = cli::parse(std::env::args_os().skip(1)).and_then(|cmd| match cmd {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let (check, json) = cli::asks_for_check(&args);
+    let cmd = match cli::parse(args) {
+        Ok(cmd) => cmd,
+        // A command line that asks for a check and does not parse is a check result too.
+        Err(e) if check => return check::refused(&e, json),
+        Err(e) => return fail(&e),
+    };
+    let outcome = match cmd {
         Command::Help => {
             print!("{}", cli::HELP);
             Ok(())
@@ -39,20 +49,30 @@ fn main() -> ExitCode {
             println!("etcdmirror {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
-        Command::Run(cfg) => {
-            startup::init_logging(cfg.debug);
-            startup::run(&cfg)
-        }
-    });
+        Command::Run(cfg) => match cfg.check {
+            // A check reports every outcome itself, with its own exit codes.
+            Some(opts) => {
+                startup::init_quiet_logging(cfg.debug);
+                return check::run(&cfg, opts);
+            }
+            None => {
+                startup::init_logging(cfg.debug);
+                startup::run(&cfg)
+            }
+        },
+    };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            if log::log_enabled!(log::Level::Error) {
-                log::error!("{e}");
-            } else {
-                eprintln!("etcdmirror: {e}");
-            }
-            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
-        }
+        Err(e) => fail(&e),
     }
+}
+
+/// Report why the mirror stops, and exit with the code of the table.
+fn fail(e: &error::Error) -> ExitCode {
+    if log::log_enabled!(log::Level::Error) {
+        log::error!("{e}");
+    } else {
+        eprintln!("etcdmirror: {e}");
+    }
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
 }

@@ -37,7 +37,7 @@ use crate::cli::Config;
 use crate::dest::read_index;
 use crate::error::{Error, Result};
 use crate::etcd::{Client, Cond, Node, Written};
-use crate::keys::{below, join, Route, REPLICATION_DIR};
+use crate::keys::{below, join, KeyMap, Route, REPLICATION_DIR};
 use crate::plan::State;
 
 /// How many source events a pass may end past its listing for replication to start from
@@ -63,7 +63,7 @@ pub enum Entry {
 }
 
 impl Entry {
-    fn of(node: Node) -> Entry {
+    pub(crate) fn of(node: Node) -> Entry {
         match node.value {
             None => Entry::Dir,
             Some(v) => Entry::Value(v),
@@ -267,35 +267,53 @@ fn mass_delete(removed: usize, existing: usize, root: &str, dst: &str, prefix: &
     )
 }
 
-/// The source tree as it must appear on the destination (mapped keys, filtered).
-fn wanted(cfg: &Config, root: Option<Node>) -> BTreeMap<String, Entry> {
-    let mut out = BTreeMap::new();
-    for node in root.into_iter().flat_map(Node::into_descendants) {
-        if let Route::Mirror(dst) = cfg.keys.route(&node.key) {
-            out.insert(dst, Entry::of(node));
-        }
-    }
-    out
+/// The source nodes below `root` that are mirrored, each with its destination key, as the
+/// listing is taken apart (shared with `--check`, so that both read a tree the same way).
+pub(crate) fn mirrored(
+    keys: &KeyMap,
+    root: Option<Node>,
+) -> impl Iterator<Item = (String, Node)> + '_ {
+    root.into_iter()
+        .flat_map(Node::into_descendants)
+        .filter_map(|node| match keys.route(&node.key) {
+            Route::Mirror(dst) => Some((dst, node)),
+            _ => None,
+        })
 }
 
-/// The destination tree that the reload owns: what is not ignored and not replication state.
+/// The destination nodes below `root` that the reload owns: what is not ignored and not
+/// replication state, with its state and modifiedIndex (shared with `--check`).
+pub(crate) fn owned(
+    keys: &KeyMap,
+    root: Option<Node>,
+) -> impl Iterator<Item = (String, (Entry, u64))> + '_ {
+    root.into_iter()
+        .flat_map(Node::into_descendants)
+        .filter_map(|mut node| {
+            if below(&node.key, REPLICATION_DIR).is_some() {
+                return None;
+            }
+            // Keys that map back to ignored or hidden source keys are left alone.
+            let owned = keys
+                .source_of(&node.key)
+                .is_some_and(|src| matches!(keys.route(&src), Route::Mirror(_)));
+            owned.then(|| {
+                let (key, mi) = (std::mem::take(&mut node.key), node.modified_index);
+                (key, (Entry::of(node), mi))
+            })
+        })
+}
+
+/// The source tree as it must appear on the destination (mapped keys, filtered).
+fn wanted(cfg: &Config, root: Option<Node>) -> BTreeMap<String, Entry> {
+    mirrored(&cfg.keys, root)
+        .map(|(dst, node)| (dst, Entry::of(node)))
+        .collect()
+}
+
+/// The destination tree that the reload owns.
 fn existing(cfg: &Config, root: Option<Node>) -> BTreeMap<String, (Entry, u64)> {
-    let mut out = BTreeMap::new();
-    for mut node in root.into_iter().flat_map(Node::into_descendants) {
-        if below(&node.key, REPLICATION_DIR).is_some() {
-            continue;
-        }
-        // Keys that map back to ignored or hidden source keys are left alone.
-        let owned = cfg
-            .keys
-            .source_of(&node.key)
-            .is_some_and(|src| matches!(cfg.keys.route(&src), Route::Mirror(_)));
-        if owned {
-            let (key, mi) = (std::mem::take(&mut node.key), node.modified_index);
-            out.insert(key, (Entry::of(node), mi));
-        }
-    }
-    out
+    owned(&cfg.keys, root).collect()
 }
 
 /// Both sides as one pass sees them.

@@ -13,11 +13,21 @@ use crate::{dest, keys, metrics, mirror, reload};
 /// Log to stderr; under systemd (`JOURNAL_STREAM`) with syslog priorities and no timestamps.
 /// Whatever `RUST_LOG` says, other crates log at info and above only (see `OwnDetail`).
 pub fn init_logging(debug: bool) {
+    init_logging_from(debug, "info");
+}
+
+/// Logging for `--check`, whose result is its one line on stdout: errors only on stderr
+/// unless `-d` or `RUST_LOG` ask for more (some monitoring systems show stderr too).
+pub fn init_quiet_logging(debug: bool) {
+    init_logging_from(debug, "error");
+}
+
+fn init_logging_from(debug: bool, level: &str) {
     // -d is about the mirror's own decisions, not the HTTP library's internals.
     let default = if debug {
-        "info,etcdmirror=debug"
+        "info,etcdmirror=debug".to_string()
     } else {
-        "info"
+        level.to_string()
     };
     let mut builder =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default));
@@ -122,26 +132,7 @@ pub fn run(cfg: &Config) -> Result<()> {
         &cfg.keys.index_key(),
         probe_timeout,
     )?;
-    // What a member is checked with before its first use (several members): a key each
-    // side's credentials may read, small whatever the tree holds. On the source, a key
-    // nobody writes under the prefix (its absence is answer enough); on the destination,
-    // the replication index.
-    let src = Client::new(
-        &cfg.src,
-        "source",
-        &keys::join(&cfg.keys.src_prefix, "_etcdmirror_member_check"),
-        cfg.retry_timeout,
-    );
-    let dst = Client::new(
-        &cfg.dst,
-        "destination",
-        &cfg.keys.index_key(),
-        cfg.retry_timeout,
-    );
-    // A member that does not answer this soon is checked when the mirror moves to it.
-    let survey_timeout = probe_timeout.min(Duration::from_secs(3));
-    src.survey(survey_timeout)?;
-    dst.survey(survey_timeout)?;
+    let (src, dst) = clients(cfg, cfg.retry_timeout, probe_timeout)?;
     if cfg.keys.feeds_itself() {
         let (s, d) = (
             src.get("/", false)?.cluster_id,
@@ -230,4 +221,25 @@ fn check_access(ep: &Endpoint, role: &str, side: &str, key: &str, timeout: Durat
              give a user with --{side}-user and its password with --{side}-password-file"
         ),
     }))
+}
+
+/// The source and destination clients, each member surveyed (cluster ids agree) when a side
+/// lists several; `budget` is the retry budget, `probe` how long a member may take to answer.
+pub fn clients(cfg: &Config, budget: Duration, probe: Duration) -> Result<(Client, Client)> {
+    // What a member is checked with before its first use (several members): a key each
+    // side's credentials may read, small whatever the tree holds. On the source, a key
+    // nobody writes under the prefix (its absence is answer enough); on the destination,
+    // the replication index.
+    let src = Client::new(
+        &cfg.src,
+        "source",
+        &keys::join(&cfg.keys.src_prefix, "_etcdmirror_member_check"),
+        budget,
+    );
+    let dst = Client::new(&cfg.dst, "destination", &cfg.keys.index_key(), budget);
+    // A member that does not answer this soon is checked when the mirror moves to it.
+    let survey_timeout = probe.min(Duration::from_secs(3));
+    src.survey(survey_timeout)?;
+    dst.survey(survey_timeout)?;
+    Ok((src, dst))
 }
