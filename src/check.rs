@@ -55,8 +55,8 @@ pub struct Options {
     pub json: bool,
 }
 
-/// `--check-wait` when not given, in seconds.
-pub const DEFAULT_WAIT: f64 = 10.0;
+/// `--check-wait` when not given.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(10);
 
 /// Open differences are read again with one GET per directory that holds them, on each side,
 /// as long as they lie in at most this many directories; beyond that, the two subtrees are

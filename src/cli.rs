@@ -274,13 +274,15 @@ fn prefix(flag: &str, value: Option<String>, default: &str) -> Result<String> {
     Ok(v)
 }
 
-fn seconds(flag: &str, value: Option<String>, default: f64) -> Result<Duration> {
+/// A positive number of seconds below a million, or `default` when the flag is absent.
+fn seconds(flag: &str, value: Option<String>, default: Duration) -> Result<Duration> {
     let Some(v) = value else {
-        return Ok(Duration::from_secs_f64(default));
+        return Ok(default);
     };
-    match v.parse::<f64>() {
-        Ok(s) if s.is_finite() && s > 0.0 && s < 1e6 => Ok(Duration::from_secs_f64(s)),
-        _ => Err(usage(format!(
+    let parsed = v.parse::<f64>().ok().filter(|s| *s > 0.0 && *s < 1e6);
+    match parsed.and_then(|s| Duration::try_from_secs_f64(s).ok()) {
+        Some(d) => Ok(d),
+        None => Err(usage(format!(
             "{flag} takes a positive number of seconds, got {v:?}"
         ))),
     }
@@ -335,7 +337,11 @@ fn validate(raw: RawArgs) -> Result<Config> {
         strip: raw.strip,
         ignore,
     };
-    let watch_timeout = seconds("--watch-timeout", raw.watch_timeout, 15.0)?;
+    let watch_timeout = seconds(
+        "--watch-timeout",
+        raw.watch_timeout,
+        Duration::from_secs(15),
+    )?;
     if watch_timeout < MIN_WATCH_TIMEOUT {
         return Err(usage(format!(
             "--watch-timeout must be at least {} s: a shorter silence is no proof that no event \
@@ -343,7 +349,11 @@ fn validate(raw: RawArgs) -> Result<Config> {
             MIN_WATCH_TIMEOUT.as_secs()
         )));
     }
-    let retry_timeout = seconds("--retry-timeout", raw.retry_timeout, 60.0)?;
+    let retry_timeout = seconds(
+        "--retry-timeout",
+        raw.retry_timeout,
+        Duration::from_secs(60),
+    )?;
     let (src, dst) = match raw.positional.as_slice() {
         [s, d] => (
             endpoint("SRC", s)?
@@ -518,7 +528,7 @@ mod tests {
         }
         assert_eq!(run(&ends).check, None);
         let c = run(&with(&["--check"]));
-        let wait = Duration::from_secs_f64(crate::check::DEFAULT_WAIT);
+        let wait = crate::check::DEFAULT_WAIT;
         assert_eq!(c.check, Some(crate::check::Options { wait, json: false }));
         // The mirror's own flags are accepted, so that $ETCDMIRROR_ARGS can follow --check.
         let c = run(&with(&[
