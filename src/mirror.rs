@@ -51,13 +51,7 @@ impl<'a> Mirror<'a> {
         let mut watch = Watch::new(self.src, &self.keys.src_prefix, self.cfg.watch_timeout);
         loop {
             match watch.next(self.index)? {
-                Arrival::Event(ev) => {
-                    metrics::update(|s| {
-                        s.source_index = s.source_index.max(ev.node.modified_index);
-                        s.last_watch = Some(Instant::now());
-                    });
-                    self.apply(ev)?;
-                }
+                Arrival::Event(ev) => self.apply(ev)?,
                 Arrival::Quiet(x) => {
                     if x > self.index {
                         debug!("no event under the watched key up to {x}");
@@ -67,8 +61,13 @@ impl<'a> Mirror<'a> {
                 }
             }
             // What /lag shows: everything up to here is applied; the stored index follows
-            // at most a second or 100 events later.
-            metrics::update(|s| s.replicated_index = self.index);
+            // at most a second or 100 events later. One update per arrival.
+            let index = self.index;
+            metrics::update(|s| {
+                s.replicated_index = index;
+                s.source_index = s.source_index.max(index);
+                s.last_watch = Some(Instant::now());
+            });
         }
     }
 

@@ -261,34 +261,41 @@ fn an_idle_mirror_reuses_its_source_connections() {
     );
 }
 
-#[test]
-fn a_black_hole_longer_than_the_retry_timeout_ends_in_exit_1_and_loses_nothing() {
-    let pair = Pair::start("black-hole-long");
+/// The black-hole tests' mirror: short budgets.
+const HOLE_ARGS: [&str; 6] = [
+    "--src-prefix",
+    SRC,
+    "--retry-timeout",
+    "5",
+    "--watch-timeout",
+    "5",
+];
+
+/// A mirror through the proxy, synced on one key, then the proxy turned into a black hole.
+fn into_a_black_hole(tag: &str) -> (Pair, NoSkip, Proxy, Mirror) {
+    let pair = Pair::start(tag);
     let check = NoSkip::start(&pair.dst, DST);
     let proxy = Proxy::start_with(pair.src.addr(), Faults::default());
-    let args = [
-        "--src-prefix",
-        SRC,
-        "--retry-timeout",
-        "5",
-        "--watch-timeout",
-        "5",
-    ];
-    let mut m = mirror_from_now(&pair, &proxy, &args);
+    let mut m = mirror_from_now(&pair, &proxy, &HOLE_ARGS);
     write(&pair, &check, "/p/before", "before the black hole");
     synced(&mut m, &pair, &check, Duration::from_secs(30), "before");
-
     proxy.set(Faults {
         black_hole: true,
         ..Faults::default()
     });
+    (pair, check, proxy, m)
+}
+
+#[test]
+fn a_black_hole_longer_than_the_retry_timeout_ends_in_exit_1_and_loses_nothing() {
+    let (pair, check, proxy, mut m) = into_a_black_hole("black-hole-long");
     let started = Instant::now();
     write(&pair, &check, "/p/during", "during the black hole");
     assert_eq!(m.wait_exit(Duration::from_secs(90)), 1);
     eprintln!("exit 1 after {:?} in the black hole", started.elapsed());
 
     proxy.set(Faults::default());
-    m = Mirror::start(&args, &proxy.url(), &pair.dst.url);
+    m = Mirror::start(&HOLE_ARGS, &proxy.url(), &pair.dst.url);
     synced(
         &mut m,
         &pair,
@@ -300,25 +307,7 @@ fn a_black_hole_longer_than_the_retry_timeout_ends_in_exit_1_and_loses_nothing()
 
 #[test]
 fn a_black_hole_of_2s_is_ridden_out() {
-    let pair = Pair::start("black-hole-short");
-    let check = NoSkip::start(&pair.dst, DST);
-    let proxy = Proxy::start_with(pair.src.addr(), Faults::default());
-    let args = [
-        "--src-prefix",
-        SRC,
-        "--retry-timeout",
-        "5",
-        "--watch-timeout",
-        "5",
-    ];
-    let mut m = mirror_from_now(&pair, &proxy, &args);
-    write(&pair, &check, "/p/before", "before the black hole");
-    synced(&mut m, &pair, &check, Duration::from_secs(30), "before");
-
-    proxy.set(Faults {
-        black_hole: true,
-        ..Faults::default()
-    });
+    let (pair, check, proxy, mut m) = into_a_black_hole("black-hole-short");
     // Only outside the prefix: the proxy's black hole loses swallowed bytes for good (TCP
     // would retransmit them), so an event on an open stream could be lost whatever the
     // mirror does.
