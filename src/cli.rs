@@ -34,6 +34,10 @@ Replication:
       --watch-timeout SECS         silence that proves no event is coming, and how often a quiet
                                    watch is renewed; at least 5 [default: 15]
       --retry-timeout SECS         retry transient faults this long, then exit 1 [default: 60]
+      --src-api v2|v3              the API SRC is read with [default: v2]
+      --dst-api v2|v3              the API DST is written with [default: v2]; the combinations
+                                   are v2 to v2, v2 to v3 (migration) and v3 to v3; v3 keys
+                                   and values are bytes, a v2 directory has no v3 key
 Reload:
       --reload                     make DST an exact copy of SRC by writing only the
                                    differences (again until a pass keeps up with a busy
@@ -111,6 +115,16 @@ pub struct Config {
     pub retry_timeout: Duration,
     /// `--check`: audit instead of replicating.
     pub check: Option<crate::check::Options>,
+    /// `--src-api`, `--dst-api`: which etcd API each side is read and written with.
+    pub src_api: Api,
+    pub dst_api: Api,
+}
+
+/// The etcd API a side speaks: v2 (`/v2/keys`) or v3 (the JSON gateway, `/v3/...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    V2,
+    V3,
 }
 
 /// The command line as typed, before validation.
@@ -132,6 +146,8 @@ struct RawArgs {
     json: bool,
     port: Option<String>,
     listen: Option<String>,
+    src_api: Option<String>,
+    dst_api: Option<String>,
     /// TLS flags without a side, then per side.
     both: Security,
     src: Security,
@@ -204,6 +220,8 @@ where
             Long("retry-timeout") => raw.retry_timeout = Some(p.value()?.string()?),
             Long("port") => raw.port = Some(p.value()?.string()?),
             Long("listen") => raw.listen = Some(p.value()?.string()?),
+            Long("src-api") => raw.src_api = Some(p.value()?.string()?),
+            Long("dst-api") => raw.dst_api = Some(p.value()?.string()?),
             Long(flag) if security_flag(flag).is_some() => {
                 let (side, field) = security_flag(flag).unwrap_or_default();
                 let sec = match side {
@@ -374,7 +392,17 @@ fn validate(raw: RawArgs) -> Result<Config> {
             )))
         }
     };
+    let (src_api, dst_api) = (api("--src-api", raw.src_api)?, api("--dst-api", raw.dst_api)?);
+    if (src_api, dst_api) == (Api::V3, Api::V2) {
+        return Err(usage(
+            "--src-api v3 with --dst-api v2 is not supported: a v3 source is mirrored into a \
+             v3 destination (--dst-api v3); the combinations are v2 to v2, v2 to v3 and v3 to v3"
+                .into(),
+        ));
+    }
     Ok(Config {
+        src_api,
+        dst_api,
         src,
         dst,
         keys,
@@ -388,6 +416,15 @@ fn validate(raw: RawArgs) -> Result<Config> {
         retry_timeout,
         check,
     })
+}
+
+/// `--src-api` or `--dst-api`: v2 unless given.
+fn api(flag: &str, value: Option<String>) -> Result<Api> {
+    match value.as_deref() {
+        None | Some("v2") => Ok(Api::V2),
+        Some("v3") => Ok(Api::V3),
+        Some(other) => Err(usage(format!("{flag} takes v2 or v3, got {other:?}"))),
+    }
 }
 
 /// `--check` and its flags; it reads only, so it does not combine with a reload.

@@ -10,6 +10,7 @@ set -euo pipefail
 # command          Debian package              needed by
 LIST='
 etcd               etcd-server                 demo test etcd
+etcdctl            etcd-client                 test
 curl|python3       curl                        demo
 make               make                        test ci
 systemd-analyze    systemd                     test
@@ -22,6 +23,7 @@ py:prometheus_client python3-prometheus-client test
 '
 # Why each is there (tests/*.rs name the package again when a tool is missing):
 #   etcd: every integration test and the demo start real etcd 3.4 servers (v2 API).
+#   etcdctl (etcd-client): the v3 tests cross-check a v3 replica with `etcdctl get`.
 #   curl or python3: the demo's HTTP client. make: packaging.rs runs make install.
 #   systemd-analyze (systemd), man (man-db), mandoc: packaging.rs checks the unit and the
 #   man page. openssl: production.rs makes TLS certificates. promtool (prometheus):

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod v3;
 
 use std::collections::BTreeMap;
 use std::fs;
