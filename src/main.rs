@@ -16,6 +16,7 @@ mod dest;
 mod endpoint;
 mod error;
 mod etcd;
+mod flat;
 mod keys;
 mod listing;
 mod metrics;
@@ -24,6 +25,7 @@ mod pace;
 mod plan;
 mod reload;
 mod startup;
+mod v3;
 mod watch;
 
 use std::ffi::OsString;
