@@ -24,6 +24,7 @@ mod mirror;
 mod pace;
 mod plan;
 mod reload;
+mod reload3;
 mod startup;
 mod v3;
 mod watch;

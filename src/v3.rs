@@ -74,8 +74,7 @@ pub fn revision(v: &Value) -> std::result::Result<u64, String> {
 
 /// The text of a key for messages: as it is when it is text, escaped otherwise.
 pub fn show(key: &[u8]) -> String {
-    String::from_utf8(key.to_vec())
-        .unwrap_or_else(|_| key.escape_ascii().to_string())
+    String::from_utf8(key.to_vec()).unwrap_or_else(|_| key.escape_ascii().to_string())
 }
 
 /// A malformed answer: the server is not the etcd we know, or a proxy mangled it.
@@ -351,7 +350,10 @@ pub enum Message {
     Events(Vec<Event>),
     /// The watch was cancelled: its start revision was compacted (`compact_revision`), or
     /// for the reason given.
-    Canceled { compact_revision: u64, reason: String },
+    Canceled {
+        compact_revision: u64,
+        reason: String,
+    },
     /// A message with nothing in it for the mirror (a progress notification).
     Nothing,
     /// The server ended the stream with an error (it is stopping, typically).
@@ -429,8 +431,7 @@ pub fn watch(
         "prev_kv": true,
     }});
     let what = format!("watch {} from revision {start}", show(key));
-    Ok(c
-        .open_v3_watch(&body.to_string(), idle, &what)?
+    Ok(c.open_v3_watch(&body.to_string(), idle, &what)?
         .map(|reader| Stream { reader }))
 }
 
