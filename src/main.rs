@@ -13,6 +13,7 @@
 mod check;
 mod cli;
 mod dest;
+mod dest3;
 mod endpoint;
 mod error;
 mod etcd;
@@ -21,12 +22,14 @@ mod keys;
 mod listing;
 mod metrics;
 mod mirror;
+mod mirror3;
 mod pace;
 mod plan;
 mod reload;
 mod startup;
 mod v3;
 mod watch;
+mod watch3;
 
 use std::ffi::OsString;
 use std::process::ExitCode;

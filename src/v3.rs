@@ -220,6 +220,19 @@ pub fn current_revision(c: &Client) -> Result<u64> {
     revision(&v).map_err(|e| malformed(c, what, &e))
 }
 
+/// The cluster's id, in hex as v2's `X-Etcd-Cluster-Id` writes it.
+pub fn cluster_id(c: &Client) -> Result<String> {
+    let what = "status";
+    let (answer, _) = c.call_v3("maintenance/status", "{}", what)?;
+    let v = answer.map_err(|e| c.v3_refusal(what, &e))?;
+    let id = v
+        .get("header")
+        .ok_or_else(|| "no header".to_string())
+        .and_then(|h| num(h, "cluster_id"))
+        .map_err(|e| malformed(c, what, &e))?;
+    Ok(format!("{id:x}"))
+}
+
 /// What a transaction asserts about one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Compare {
