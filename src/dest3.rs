@@ -184,7 +184,7 @@ impl<'a> Dest3<'a> {
             }
             let (outcome, _) = v3::txn(self.dst, &compares, &writes, &what)?;
             let found = match outcome {
-                TxnOutcome::Done(_) => {
+                TxnOutcome::Done => {
                     if ends {
                         self.written = batch.index;
                     }

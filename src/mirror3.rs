@@ -16,6 +16,8 @@ use crate::watch::{self, Watch};
 use crate::watch3::{self, Watch3};
 
 /// Where batches come from: a v2 source's events or a v3 source's revisions.
+// One value for the whole run: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Feed<'a> {
     V2(Watch<'a>),
     V3(Watch3<'a>),

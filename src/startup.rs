@@ -264,7 +264,13 @@ pub fn clients(cfg: &Config, budget: Duration, probe: Duration) -> Result<(Clien
         &keys::join(&cfg.keys.src_prefix, "_etcdmirror_member_check"),
         budget,
     );
-    let dst = Client::new(&cfg.dst, cfg.dst_api, "destination", &cfg.keys.index_key(), budget);
+    let dst = Client::new(
+        &cfg.dst,
+        cfg.dst_api,
+        "destination",
+        &cfg.keys.index_key(),
+        budget,
+    );
     // A member that does not answer this soon is checked when the mirror moves to it.
     let survey_timeout = probe.min(Duration::from_secs(3));
     src.survey(survey_timeout)?;
