@@ -32,20 +32,24 @@ pub struct Dest3<'a> {
     index_key: Vec<u8>,
     /// The index the destination holds: this process's last write (or what it read at start).
     pub written: u64,
+    /// Its bytes exactly as stored (an index written by hand may hold "42\n").
+    stored: Vec<u8>,
 }
 
-/// Read the replication index stored at `key` on a v3 destination, if there is one.
-pub fn read_index(dst: &Client, key: &str) -> Result<Option<u64>> {
+/// Read the replication index stored at `key` on a v3 destination, if there is one, with
+/// its bytes as stored.
+pub fn read_index(dst: &Client, key: &str) -> Result<Option<(u64, Vec<u8>)>> {
     let Some(kv) = v3::get(dst, key.as_bytes())? else {
         return Ok(None);
     };
     let text = String::from_utf8_lossy(&kv.value);
-    text.trim().parse().map(Some).map_err(|_| {
+    let index = text.trim().parse().map_err(|_| {
         Error::Usage(format!(
             "the replication index {key} on {} holds {text:?}, not a number; run with --reload",
             dst.name()
         ))
-    })
+    })?;
+    Ok(Some((index, kv.value)))
 }
 
 /// A key's state for messages: absent, or its value (shortened when long).
@@ -88,11 +92,13 @@ fn at_end(c: &Change, found: Option<&Kv>) -> bool {
 }
 
 impl<'a> Dest3<'a> {
-    pub fn new(dst: &'a Client, index_key: &str, written: u64) -> Dest3<'a> {
+    /// The destination whose index key holds `stored`, the text of `written`.
+    pub fn new(dst: &'a Client, index_key: &str, written: u64, stored: Vec<u8>) -> Dest3<'a> {
         Dest3 {
             dst,
             index_key: index_key.as_bytes().to_vec(),
             written,
+            stored,
         }
     }
 
@@ -135,10 +141,7 @@ impl<'a> Dest3<'a> {
         let what = format!("txn for index {}", batch.index);
         let mut pending: Vec<Change> = changes.to_vec();
         for _ in 0..TRIES {
-            let mut compares = vec![Compare::Value(
-                self.index_key.clone(),
-                self.written.to_string().into_bytes(),
-            )];
+            let mut compares = vec![Compare::Value(self.index_key.clone(), self.stored.clone())];
             // The change each compare after the index is about.
             let mut compared: Vec<&Change> = Vec::new();
             let mut writes = Vec::new();
@@ -186,22 +189,21 @@ impl<'a> Dest3<'a> {
             let found = match outcome {
                 TxnOutcome::Done => {
                     if ends {
-                        self.written = batch.index;
+                        self.wrote(batch.index);
                     }
                     return Ok(());
                 }
                 TxnOutcome::Failed(found) => found,
             };
             let mut found = found.into_iter();
-            let index_now = found
-                .next()
-                .flatten()
-                .map(|kv| String::from_utf8_lossy(&kv.value).trim().parse::<u64>());
+            let index_kv = found.next().flatten();
             let keys_found: Vec<Option<Kv>> = found.collect();
-            let index_now = match index_now {
-                Some(Ok(i)) => Some(i),
-                Some(Err(_)) | None => None,
-            };
+            let index_now = index_kv.as_ref().and_then(|kv| {
+                String::from_utf8_lossy(&kv.value)
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            });
             if ends
                 && index_now == Some(batch.index)
                 && compared
@@ -214,10 +216,10 @@ impl<'a> Dest3<'a> {
                     "the destination already holds index {} and its writes (a lost answer)",
                     batch.index
                 );
-                self.written = batch.index;
+                self.wrote(batch.index);
                 return Ok(());
             }
-            if index_now != Some(self.written) {
+            if index_kv.map(|kv| kv.value) != Some(self.stored.clone()) {
                 return Err(self.other_writer(index_now));
             }
             let mut done = Vec::new();
@@ -252,6 +254,11 @@ impl<'a> Dest3<'a> {
             batch.index,
             self.dst.name()
         )))
+    }
+
+    fn wrote(&mut self, index: u64) {
+        self.written = index;
+        self.stored = index.to_string().into_bytes();
     }
 
     fn mismatch(&self, batch: &Batch, c: &Change, found: Option<&Kv>) -> Error {

@@ -47,10 +47,11 @@ impl Feed<'_> {
 }
 
 /// Replicate from `index` until an error stops us.
-pub fn run(cfg: &Config, src: &Client, dst: &Client, index: u64) -> Result<()> {
+/// `stored` is the index key's value as the destination holds it.
+pub fn run(cfg: &Config, src: &Client, dst: &Client, index: u64, stored: Vec<u8>) -> Result<()> {
     info!("Starting replication into v3 at {index}");
     metrics::update(|s| s.replicated_index = index);
-    let mut dest = Dest3::new(dst, &cfg.keys.index_key(), index);
+    let mut dest = Dest3::new(dst, &cfg.keys.index_key(), index, stored);
     let mut feed = match cfg.src_api {
         Api::V2 => Feed::V2(Watch::new(src, &cfg.keys.src_prefix, cfg.watch_timeout)),
         Api::V3 => {

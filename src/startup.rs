@@ -150,7 +150,9 @@ pub fn run(cfg: &Config) -> Result<()> {
             )));
         }
     }
-    let index = if cfg.reload {
+    // The index to replicate from, and its text as the destination holds it (a v3
+    // destination compares it byte for byte; an index written by hand may hold "42\n").
+    let (index, stored) = if cfg.reload {
         let reloaded = match cfg.dst_api {
             Api::V2 => reload::reload(cfg, &src, &dst)?,
             // Wired to reload3 once it lands.
@@ -170,27 +172,27 @@ pub fn run(cfg: &Config) -> Result<()> {
                 );
                 return Ok(());
             }
-            Some(index) => index,
+            Some(index) => (index, index.to_string().into_bytes()),
             None => return Ok(()),
         }
     } else {
         let key = cfg.keys.index_key();
-        let stored = match cfg.dst_api {
-            Api::V2 => dest::read_index(&dst, &key)?.map(|(i, _)| i),
+        let found = match cfg.dst_api {
+            Api::V2 => dest::read_index(&dst, &key)?.map(|(i, _)| (i, Vec::new())),
             Api::V3 => dest3::read_index(&dst, &key)?,
         };
-        let index = stored.ok_or_else(|| {
+        let found = found.ok_or_else(|| {
             Error::Usage(format!(
                 "no replication index at {key} on {}: the destination was never loaded; run with --reload",
                 dst.name()
             ))
         })?;
         log::info!("Current index read from {key}");
-        index
+        found
     };
     match cfg.dst_api {
         Api::V2 => mirror::Mirror::new(cfg, &src, &dst, index).run(),
-        Api::V3 => mirror3::run(cfg, &src, &dst, index),
+        Api::V3 => mirror3::run(cfg, &src, &dst, index, stored),
     }
 }
 
