@@ -1091,7 +1091,6 @@ pub struct GrpcError {
 }
 
 /// gRPC codes the mirror branches on.
-pub const GRPC_INVALID_ARGUMENT: u64 = 3;
 pub const GRPC_OUT_OF_RANGE: u64 = 11;
 const GRPC_PERMISSION_DENIED: u64 = 7;
 const GRPC_UNAUTHENTICATED: u64 = 16;

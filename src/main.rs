@@ -13,6 +13,7 @@
 mod check;
 mod cli;
 mod dest;
+mod dest3;
 mod endpoint;
 mod error;
 mod etcd;
@@ -21,6 +22,7 @@ mod keys;
 mod listing;
 mod metrics;
 mod mirror;
+mod mirror3;
 mod pace;
 mod plan;
 mod reload;
@@ -28,6 +30,7 @@ mod reload3;
 mod startup;
 mod v3;
 mod watch;
+mod watch3;
 
 use std::ffi::OsString;
 use std::process::ExitCode;

@@ -77,6 +77,13 @@ pub fn show(key: &[u8]) -> String {
     String::from_utf8(key.to_vec()).unwrap_or_else(|_| key.escape_ascii().to_string())
 }
 
+/// Add a field to a request body (an object).
+fn set(body: &mut Value, field: &str, value: Value) {
+    if let Value::Object(m) = body {
+        m.insert(field.to_string(), value);
+    }
+}
+
 /// A malformed answer: the server is not the etcd we know, or a proxy mangled it.
 fn malformed(c: &Client, what: &str, why: &str) -> Error {
     Error::Refused(format!(
@@ -131,13 +138,17 @@ impl Range<'_> {
                 "limit": if self.limit > 0 { self.limit } else { PAGE },
             });
             if found.revision > 0 {
-                body["revision"] = json!(found.revision.to_string());
+                set(&mut body, "revision", json!(found.revision.to_string()));
             }
             if self.keys_only {
-                body["keys_only"] = json!(true);
+                set(&mut body, "keys_only", json!(true));
             }
             if self.min_mod > 0 {
-                body["min_mod_revision"] = json!(self.min_mod.to_string());
+                set(
+                    &mut body,
+                    "min_mod_revision",
+                    json!(self.min_mod.to_string()),
+                );
             }
             let (answer, _) = c.call_v3("kv/range", &body.to_string(), &what)?;
             let v = match answer {
@@ -184,7 +195,7 @@ pub fn count(
     let what = format!("count {}", show(key));
     let mut body = json!({"key": base64(key), "range_end": base64(end), "count_only": true});
     if at > 0 {
-        body["revision"] = json!(at.to_string());
+        set(&mut body, "revision", json!(at.to_string()));
     }
     let (answer, _) = c.call_v3("kv/range", &body.to_string(), &what)?;
     Ok(match answer {
@@ -211,12 +222,17 @@ pub fn get(c: &Client, key: &[u8]) -> Result<Option<Kv>> {
     Ok(found.kvs.into_iter().find(|k| k.key == key))
 }
 
-/// The cluster's current revision.
-pub fn current_revision(c: &Client) -> Result<u64> {
+/// The cluster's id, in hex as v2's `X-Etcd-Cluster-Id` writes it.
+pub fn cluster_id(c: &Client) -> Result<String> {
     let what = "status";
     let (answer, _) = c.call_v3("maintenance/status", "{}", what)?;
     let v = answer.map_err(|e| c.v3_refusal(what, &e))?;
-    revision(&v).map_err(|e| malformed(c, what, &e))
+    let id = v
+        .get("header")
+        .ok_or_else(|| "no header".to_string())
+        .and_then(|h| num(h, "cluster_id"))
+        .map_err(|e| malformed(c, what, &e))?;
+    Ok(format!("{id:x}"))
 }
 
 /// What a transaction asserts about one key.
@@ -276,8 +292,8 @@ impl Write {
 /// How a transaction ended.
 #[derive(Debug)]
 pub enum TxnOutcome {
-    /// Every compare held and the writes are done, at this revision.
-    Done(u64),
+    /// Every compare held and the writes are done.
+    Done,
     /// A compare failed: what each compared key holds now, in the order of the compares,
     /// read in the same transaction.
     Failed(Vec<Option<Kv>>),
@@ -303,8 +319,7 @@ pub fn txn(
     let (answer, retried) = c.call_v3("kv/txn", &body.to_string(), what)?;
     let v = answer.map_err(|e| c.v3_refusal(what, &e))?;
     if v.get("succeeded").and_then(Value::as_bool).unwrap_or(false) {
-        let rev = revision(&v).map_err(|e| malformed(c, what, &e))?;
-        return Ok((TxnOutcome::Done(rev), retried));
+        return Ok((TxnOutcome::Done, retried));
     }
     let responses = match v.get("responses") {
         Some(Value::Array(a)) => a.as_slice(),
