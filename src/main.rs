@@ -11,6 +11,7 @@
 )]
 
 mod check;
+mod check3;
 mod cli;
 mod dest;
 mod dest3;

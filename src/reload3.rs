@@ -29,14 +29,13 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use log::info;
-use serde_json::Value;
 
 use crate::cli::{Api, Config};
+use crate::dest3::describe;
 use crate::error::{Error, Result};
 use crate::etcd::{Client, GrpcError};
 use crate::flat;
 use crate::keys::{KeyMap, Route};
-use crate::plan::State;
 use crate::reload::{after_pass, head, mass_delete, mirrored, Next, MARGIN, MAX_PASSES};
 use crate::v3::{self, show, Compare, Kv, TxnOutcome, Write};
 
@@ -55,15 +54,6 @@ pub type Want = BTreeMap<Vec<u8>, SrcKv>;
 
 /// The owned destination keys: value and mod_revision.
 pub type Have = BTreeMap<Vec<u8>, (Vec<u8>, u64)>;
-
-/// A key's state (`None`: no key) in the words of the replication messages.
-pub fn describe(value: Option<&[u8]>) -> String {
-    match value {
-        None => State::Absent,
-        Some(v) => State::Value(show(v)),
-    }
-    .describe()
-}
 
 /// One destination write: `key` from its listed mod_revision (0: absent) to `new`
 /// (`None`: deleted).
@@ -352,17 +342,6 @@ pub fn read_source(
     }))
 }
 
-/// A v3 cluster's id, in hex as v2's `X-Etcd-Cluster-Id`.
-fn cluster_id(c: &Client) -> Result<Option<String>> {
-    let (answer, _) = c.call_v3("maintenance/status", "{}", "status")?;
-    let v = answer.map_err(|e| c.v3_refusal("status", &e))?;
-    Ok(v.get("header")
-        .and_then(|h| h.get("cluster_id"))
-        .and_then(Value::as_str)
-        .and_then(|s| s.parse::<u64>().ok())
-        .map(|id| format!("{id:x}")))
-}
-
 /// Both sides as one pass saw them.
 struct Listing {
     source: Source,
@@ -404,8 +383,8 @@ fn guard(
         return Ok(None);
     }
     if cfg.src_api == Api::V3 {
-        let (s, t) = (cluster_id(src)?, cluster_id(dst)?);
-        if let Some(id) = s.filter(|s| Some(s) == t.as_ref()) {
+        let id = v3::cluster_id(src)?;
+        if id == v3::cluster_id(dst)? {
             return Ok(Some(format!(
                 "{} and {} are the same cluster (cluster id {id}); add --force if this is \
                  really what you want",
@@ -799,13 +778,6 @@ mod tests {
                 Ok(k.to_vec())
             );
         }
-    }
-
-    #[test]
-    fn values_are_described_for_messages() {
-        assert_eq!(describe(None), "no key");
-        assert_eq!(describe(Some(b"a".as_slice())), "value \"a\"");
-        assert!(describe(Some(b"\xff".as_slice())).contains("\\\\xff"));
     }
 
     mod props {
