@@ -217,9 +217,19 @@ fn replica_index(dst: &Client, key: &str) -> Result<(u64, u64, u64)> {
     Ok((index, kv.mod_revision, found.revision))
 }
 
-/// The source range now, keys only: each mirrored key's mod_revision (by replica key), how
-/// many keys the range holds, the highest mod_revision among them, and the revision read.
-fn source_now(keys: &KeyMap, src: &Client) -> Result<(BTreeMap<Vec<u8>, u64>, u64, u64, u64)> {
+/// The source range now, read without values.
+struct Now {
+    /// Each mirrored key's mod_revision, by replica key.
+    mods: BTreeMap<Vec<u8>, u64>,
+    /// Keys in the range, mirrored or not.
+    count: u64,
+    /// The highest mod_revision among them.
+    newest: u64,
+    /// The revision read (`S`).
+    revision: u64,
+}
+
+fn source_now(keys: &KeyMap, src: &Client) -> Result<Now> {
     let (from, to) = flat::src_range(keys);
     let found = v3::Range {
         key: &from,
@@ -231,14 +241,16 @@ fn source_now(keys: &KeyMap, src: &Client) -> Result<(BTreeMap<Vec<u8>, u64>, u6
     }
     .read(src)?
     .map_err(|e| src.v3_refusal(&format!("range {}", show(&from)), &e))?;
-    let count = u64::try_from(found.kvs.len()).unwrap_or(u64::MAX);
-    let newest = found.kvs.iter().map(|k| k.mod_revision).max().unwrap_or(0);
-    let now = found
-        .kvs
-        .into_iter()
-        .filter_map(|k| Some((flat::route_v3(keys, &k.key).ok()?, k.mod_revision)))
-        .collect();
-    Ok((now, count, newest, found.revision))
+    Ok(Now {
+        count: u64::try_from(found.kvs.len()).unwrap_or(u64::MAX),
+        newest: found.kvs.iter().map(|k| k.mod_revision).max().unwrap_or(0),
+        revision: found.revision,
+        mods: found
+            .kvs
+            .into_iter()
+            .filter_map(|k| Some((flat::route_v3(keys, &k.key).ok()?, k.mod_revision)))
+            .collect(),
+    })
 }
 
 /// Read the replica, then the source, and compare.
@@ -247,20 +259,21 @@ fn read(cfg: &Config, src: &Client, dst: &Client) -> Result<Read> {
     let (index, index_mod, at) = replica_index(dst, &keys.index_key())?;
     let (have, _) = read_have(dst, keys, cfg.src_api, at)?;
     if cfg.src_api == Api::V3 {
-        let (now, count, newest, current) = source_now(keys, src)?;
+        let now = source_now(keys, src)?;
         // A replica ahead of the source cannot be read at its index: compared with now.
-        if index <= current {
+        if index <= now.revision {
             match read_source(keys, Api::V3, src, index)? {
                 Ok(at_r) => {
-                    let quiet = newest <= index && count == at_r.listed;
+                    let quiet = now.newest <= index && now.count == at_r.listed;
+                    let source_index = now.revision;
                     let basis = Basis::Exact {
                         index_mod,
                         index,
-                        now,
+                        now: now.mods,
                     };
                     return Ok(Read {
                         index,
-                        source_index: current,
+                        source_index,
                         keys: at_r.want.len(),
                         quiet,
                         diffs: compare(keys, Api::V3, at_r.want, have, &basis),
@@ -610,7 +623,7 @@ mod tests {
         fn replica_at(history: &[Revision], done: usize, chunks: usize) -> (u64, u64, Have) {
             let (mut rev, mut index_mod) = (1u64, 1u64);
             let mut have = Have::new();
-            let mut apply = |changes: &[(u8, Option<u8>)], rev: u64, have: &mut Have| {
+            let apply = |changes: &[(u8, Option<u8>)], rev: u64, have: &mut Have| {
                 for (k, v) in changes {
                     match v {
                         Some(v) => have.insert(dst(*k), (vec![*v], rev)),

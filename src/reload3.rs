@@ -809,10 +809,8 @@ mod tests {
                 let mut now: BTreeMap<Vec<u8>, Kv> = have.iter().map(|(k, (v, m))| {
                     (k.clone(), Kv { key: k.clone(), value: v.clone(), create_revision: *m, mod_revision: *m })
                 }).collect();
-                let mut rev = 100;
-                for s in d.steps() {
+                for (rev, s) in (101u64..).zip(d.steps()) {
                     prop_assert_eq!(s.judge(now.get(&s.key)), Judged::Pending);
-                    rev += 1;
                     match &s.new {
                         Some(v) => now.insert(s.key.clone(), Kv { key: s.key.clone(), value: v.clone(), create_revision: rev, mod_revision: rev }),
                         None => now.remove(&s.key),
