@@ -8,7 +8,7 @@ use crate::cli::{Api, Config};
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
 use crate::etcd::{encode, Client};
-use crate::{dest, dest3, keys, metrics, mirror, mirror3, reload};
+use crate::{dest, dest3, keys, metrics, mirror, mirror3, reload, reload3};
 
 /// Log to stderr; under systemd (`JOURNAL_STREAM`) with syslog priorities and no timestamps.
 /// Whatever `RUST_LOG` says, other crates log at info and above only (see `OwnDetail`).
@@ -155,12 +155,7 @@ pub fn run(cfg: &Config) -> Result<()> {
     let (index, stored) = if cfg.reload {
         let reloaded = match cfg.dst_api {
             Api::V2 => reload::reload(cfg, &src, &dst)?,
-            // Wired to reload3 once it lands.
-            Api::V3 => {
-                return Err(Error::Usage(
-                    "--reload into a v3 destination is not built yet".into(),
-                ))
-            }
+            Api::V3 => reload3::reload(cfg, &src, &dst)?,
         };
         match reloaded {
             Some(index) if cfg.reload_only => {

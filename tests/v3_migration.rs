@@ -75,8 +75,7 @@ fn a_v2_pair_becomes_a_v3_pair_with_the_mirror_running_throughout() {
     let mut hop2 = unit(&hop2_api, &p.url, &r.url);
     let seen = written.load(Ordering::SeqCst);
     hop2.wait_for(Duration::from_secs(20), "v2 writes reach R's v3", || {
-        written.load(Ordering::SeqCst) > seen + 50
-            && r3.get(&format!("/app/d0/k{}", 0)).is_some()
+        written.load(Ordering::SeqCst) > seen + 50 && r3.get(&format!("/app/d0/k{}", 0)).is_some()
     });
 
     // Step 4: the writers stop on v2; hop 1 catches up (its check says OK) and stops.
@@ -91,7 +90,11 @@ fn a_v2_pair_becomes_a_v3_pair_with_the_mirror_running_throughout() {
     hop1.wait_exit(Duration::from_secs(10));
     let v2_tree = v3::flat(&rel_tree(&p.client, "/app"));
     assert!(v2_tree.len() > 10, "the workload left keys: {v2_tree:?}");
-    assert_eq!(p3.rel_range("/app"), v2_tree, "P's v3 store holds P's v2 tree");
+    assert_eq!(
+        p3.rel_range("/app"),
+        v2_tree,
+        "P's v3 store holds P's v2 tree"
+    );
 
     // The writers now write v3 on P.
     for i in 0..30 {
