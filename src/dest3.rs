@@ -94,8 +94,9 @@ fn at_end(c: &Change, found: Option<&Kv>) -> bool {
 /// What the read-back of a failed transaction says.
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
-    /// The index and every key already hold the batch's end state: an earlier attempt
-    /// landed and only its answer was lost.
+    /// The index and every key already hold the batch's end state, and the request was
+    /// sent again: an earlier attempt landed and only its answer was lost. (Without a
+    /// retry, the same state is another mirror applying the same events.)
     Landed,
     /// The index is not the one this process wrote.
     OtherWriter,
@@ -106,7 +107,8 @@ enum Verdict {
     Again(Vec<Vec<u8>>),
 }
 
-/// Judge a failed transaction: `ends` = it was to move the index to `index`; `stored` is the
+/// Judge a failed transaction: `ends` = it was to move the index to `index` and was sent
+/// again after a transient fault (only then can its first attempt have landed); `stored` is the
 /// index this process wrote; `compared` the changes whose keys were compared, and `found`
 /// what those keys hold now (same order); `index_now` what the index key holds now.
 fn judge(
@@ -238,7 +240,7 @@ impl<'a> Dest3<'a> {
                     batch.index.to_string().into_bytes(),
                 ));
             }
-            let (outcome, _) = v3::txn(self.dst, &compares, &writes, &what)?;
+            let (outcome, retried) = v3::txn(self.dst, &compares, &writes, &what)?;
             let found = match outcome {
                 TxnOutcome::Done => {
                     if ends {
@@ -251,7 +253,7 @@ impl<'a> Dest3<'a> {
             let index_now = found.first().cloned().flatten();
             let keys_found = found.get(1..).unwrap_or_default();
             let done = match judge(
-                ends,
+                ends && retried,
                 batch.index,
                 &self.stored,
                 &compared,
@@ -438,7 +440,8 @@ mod tests {
             ),
             Verdict::Again(vec![])
         );
-        // An index-only chunk that does not move the index never counts as landed.
+        // A request sent once, or a chunk that does not move the index, never counts as
+        // landed: the same state is then another mirror applying the same events.
         assert_eq!(
             judge(
                 false,
