@@ -340,6 +340,9 @@ fn v2_to_v3_every_event_kind_reload_then_live() {
     src.set("/app/after-mkdir", "m");
     s.wait_synced(&mut m, "mkdir");
     assert!(dst.range_bytes(b"/replica/app/emptydir").is_empty());
+    src.delete("/app/emptydir", &[("dir", "true")]).expect_ok();
+    src.set("/app/after-rmdir", "r");
+    s.wait_synced(&mut m, "rmdir of an empty directory");
 
     // a recursive delete removes every key below the directory, and only those
     for k in ["a", "b", "sub/c", "sub/deeper/d", "_hidden"] {
@@ -382,13 +385,21 @@ fn v2_to_v3_every_event_kind_reload_then_live() {
     assert!(dst.get("/replica/app/d2/_y").is_none());
     assert!(dst.range_bytes(b"/replica/app/locks").is_empty());
 
-    // TTL expiry is a delete (of a value, and of a directory's keys); TTLs are not copied
+    // TTL expiry is a delete (of a value, and of a directory's keys); TTLs are not copied.
+    // The keys get their TTL once the replica holds them, so their removal is the expiry's.
     src.put("/app/ttl-long", &[("value", "stays"), ("ttl", "300")])
-        .expect_ok();
-    src.put("/app/tdir", &[("dir", "true"), ("ttl", "1")])
         .expect_ok();
     src.set("/app/tdir/a", "1");
     src.set("/app/tdir/b", "2");
+    src.set("/app/ttl", "goes");
+    s.wait_synced(&mut m, "keys about to get a TTL");
+    assert_eq!(dst.range_bytes(b"/replica/app/tdir/").len(), 2);
+    assert_eq!(dst.get("/replica/app/ttl").as_deref(), Some("goes"));
+    src.put(
+        "/app/tdir",
+        &[("dir", "true"), ("ttl", "1"), ("prevExist", "true")],
+    )
+    .expect_ok();
     src.put("/app/ttl", &[("value", "goes"), ("ttl", "1")])
         .expect_ok();
     wait_until(
