@@ -32,20 +32,24 @@ pub struct Dest3<'a> {
     index_key: Vec<u8>,
     /// The index the destination holds: this process's last write (or what it read at start).
     pub written: u64,
+    /// Its bytes exactly as stored (an index written by hand may hold "42\n").
+    stored: Vec<u8>,
 }
 
-/// Read the replication index stored at `key` on a v3 destination, if there is one.
-pub fn read_index(dst: &Client, key: &str) -> Result<Option<u64>> {
+/// Read the replication index stored at `key` on a v3 destination, if there is one, with
+/// its bytes as stored.
+pub fn read_index(dst: &Client, key: &str) -> Result<Option<(u64, Vec<u8>)>> {
     let Some(kv) = v3::get(dst, key.as_bytes())? else {
         return Ok(None);
     };
     let text = String::from_utf8_lossy(&kv.value);
-    text.trim().parse().map(Some).map_err(|_| {
+    let index = text.trim().parse().map_err(|_| {
         Error::Usage(format!(
             "the replication index {key} on {} holds {text:?}, not a number; run with --reload",
             dst.name()
         ))
-    })
+    })?;
+    Ok(Some((index, kv.value)))
 }
 
 /// A key's state for messages: absent, or its value (shortened when long).
@@ -87,12 +91,67 @@ fn at_end(c: &Change, found: Option<&Kv>) -> bool {
     }
 }
 
+/// What the read-back of a failed transaction says.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// The index and every key already hold the batch's end state: an earlier attempt
+    /// landed and only its answer was lost.
+    Landed,
+    /// The index is not the one this process wrote.
+    OtherWriter,
+    /// The compared key at this position holds neither its start nor its end state.
+    Mismatch(usize),
+    /// The index is ours and every key holds its start or its end state: write again the
+    /// changes of the keys not in this list (those already at their end state).
+    Again(Vec<Vec<u8>>),
+}
+
+/// Judge a failed transaction: `ends` = it was to move the index to `index`; `stored` is the
+/// index this process wrote; `compared` the changes whose keys were compared, and `found`
+/// what those keys hold now (same order); `index_now` what the index key holds now.
+fn judge(
+    ends: bool,
+    index: u64,
+    stored: &[u8],
+    compared: &[&Change],
+    index_now: Option<&Kv>,
+    found: &[Option<Kv>],
+) -> Verdict {
+    let now = index_now.map(|kv| kv.value.as_slice());
+    let ours = now == Some(stored);
+    let landed = ends
+        && now.is_some_and(|v| String::from_utf8_lossy(v).trim() == index.to_string())
+        && compared
+            .iter()
+            .zip(found)
+            .all(|(c, f)| at_end(c, f.as_ref()));
+    if landed && !ours {
+        return Verdict::Landed;
+    }
+    if !ours {
+        return Verdict::OtherWriter;
+    }
+    let mut done = Vec::new();
+    for (at, (c, f)) in compared.iter().zip(found).enumerate() {
+        if at_start(c, f.as_ref()) {
+            continue;
+        }
+        if !at_end(c, f.as_ref()) {
+            return Verdict::Mismatch(at);
+        }
+        done.push(c.key.clone());
+    }
+    Verdict::Again(done)
+}
+
 impl<'a> Dest3<'a> {
-    pub fn new(dst: &'a Client, index_key: &str, written: u64) -> Dest3<'a> {
+    /// The destination whose index key holds `stored`, the text of `written`.
+    pub fn new(dst: &'a Client, index_key: &str, written: u64, stored: Vec<u8>) -> Dest3<'a> {
         Dest3 {
             dst,
             index_key: index_key.as_bytes().to_vec(),
             written,
+            stored,
         }
     }
 
@@ -135,10 +194,7 @@ impl<'a> Dest3<'a> {
         let what = format!("txn for index {}", batch.index);
         let mut pending: Vec<Change> = changes.to_vec();
         for _ in 0..TRIES {
-            let mut compares = vec![Compare::Value(
-                self.index_key.clone(),
-                self.written.to_string().into_bytes(),
-            )];
+            let mut compares = vec![Compare::Value(self.index_key.clone(), self.stored.clone())];
             // The change each compare after the index is about.
             let mut compared: Vec<&Change> = Vec::new();
             let mut writes = Vec::new();
@@ -184,53 +240,50 @@ impl<'a> Dest3<'a> {
             }
             let (outcome, _) = v3::txn(self.dst, &compares, &writes, &what)?;
             let found = match outcome {
-                TxnOutcome::Done(_) => {
+                TxnOutcome::Done => {
                     if ends {
-                        self.written = batch.index;
+                        self.wrote(batch.index);
                     }
                     return Ok(());
                 }
                 TxnOutcome::Failed(found) => found,
             };
-            let mut found = found.into_iter();
-            let index_now = found
-                .next()
-                .flatten()
-                .map(|kv| String::from_utf8_lossy(&kv.value).trim().parse::<u64>());
-            let keys_found: Vec<Option<Kv>> = found.collect();
-            let index_now = match index_now {
-                Some(Ok(i)) => Some(i),
-                Some(Err(_)) | None => None,
+            let index_now = found.first().cloned().flatten();
+            let keys_found = found.get(1..).unwrap_or_default();
+            let done = match judge(
+                ends,
+                batch.index,
+                &self.stored,
+                &compared,
+                index_now.as_ref(),
+                keys_found,
+            ) {
+                Verdict::Landed => {
+                    info!(
+                        "the destination already holds index {} and its writes (a lost answer)",
+                        batch.index
+                    );
+                    self.wrote(batch.index);
+                    return Ok(());
+                }
+                Verdict::OtherWriter => {
+                    let now = index_now.and_then(|kv| {
+                        String::from_utf8_lossy(&kv.value)
+                            .trim()
+                            .parse::<u64>()
+                            .ok()
+                    });
+                    return Err(self.other_writer(now));
+                }
+                Verdict::Mismatch(at) => {
+                    let (c, f) = compared
+                        .get(at)
+                        .zip(keys_found.get(at))
+                        .ok_or_else(|| self.other_writer(None))?;
+                    return Err(self.mismatch(batch, c, f.as_ref()));
+                }
+                Verdict::Again(done) => done,
             };
-            if ends
-                && index_now == Some(batch.index)
-                && compared
-                    .iter()
-                    .zip(&keys_found)
-                    .all(|(c, f)| at_end(c, f.as_ref()))
-            {
-                // An earlier attempt landed and only its answer was lost.
-                info!(
-                    "the destination already holds index {} and its writes (a lost answer)",
-                    batch.index
-                );
-                self.written = batch.index;
-                return Ok(());
-            }
-            if index_now != Some(self.written) {
-                return Err(self.other_writer(index_now));
-            }
-            let mut done = Vec::new();
-            for (c, f) in compared.iter().zip(&keys_found) {
-                if at_start(c, f.as_ref()) {
-                    continue;
-                }
-                if at_end(c, f.as_ref()) {
-                    done.push(c.key.clone());
-                    continue;
-                }
-                return Err(self.mismatch(batch, c, f.as_ref()));
-            }
             if !done.is_empty() {
                 info!(
                     "{} of the keys of index {} already hold their new state (a batch cut \
@@ -252,6 +305,11 @@ impl<'a> Dest3<'a> {
             batch.index,
             self.dst.name()
         )))
+    }
+
+    fn wrote(&mut self, index: u64) {
+        self.written = index;
+        self.stored = index.to_string().into_bytes();
     }
 
     fn mismatch(&self, batch: &Batch, c: &Change, found: Option<&Kv>) -> Error {
@@ -276,5 +334,121 @@ impl<'a> Dest3<'a> {
             self.dst.name(),
             self.written
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, value: &str) -> Option<Kv> {
+        Some(Kv {
+            key: key.into(),
+            value: value.into(),
+            create_revision: 1,
+            mod_revision: 1,
+        })
+    }
+
+    fn put(key: &str, from: Option<&str>, to: &str) -> Change {
+        Change {
+            key: key.into(),
+            expect: from.map_or(Expect::Absent, |v| Expect::Value(v.into())),
+            new: Some(to.into()),
+        }
+    }
+
+    #[test]
+    fn a_failed_transaction_is_judged_by_what_it_read_back() {
+        let (a, b) = (put("/a", None, "1"), put("/b", Some("x"), "y"));
+        let compared = [&a, &b];
+        let index = |v: &str| kv("/__replication/r", v);
+        // A lost answer: index and keys already at the end.
+        assert_eq!(
+            judge(
+                true,
+                8,
+                b"7",
+                &compared,
+                index("8").as_ref(),
+                &[kv("/a", "1"), kv("/b", "y")]
+            ),
+            Verdict::Landed
+        );
+        // Another mirror moved the index.
+        assert_eq!(
+            judge(
+                true,
+                8,
+                b"7",
+                &compared,
+                index("9").as_ref(),
+                &[kv("/a", "1"), kv("/b", "y")]
+            ),
+            Verdict::OtherWriter
+        );
+        assert_eq!(
+            judge(true, 8, b"7", &compared, None, &[None, kv("/b", "x")]),
+            Verdict::OtherWriter
+        );
+        // A key at neither state.
+        assert_eq!(
+            judge(
+                true,
+                8,
+                b"7",
+                &compared,
+                index("7").as_ref(),
+                &[None, kv("/b", "z")]
+            ),
+            Verdict::Mismatch(1)
+        );
+        assert_eq!(
+            judge(
+                true,
+                8,
+                b"7",
+                &compared,
+                index("7").as_ref(),
+                &[kv("/a", "0"), kv("/b", "x")]
+            ),
+            Verdict::Mismatch(0)
+        );
+        // A chunk of this batch landed before a restart: write the rest.
+        assert_eq!(
+            judge(
+                true,
+                8,
+                b"7",
+                &compared,
+                index("7").as_ref(),
+                &[kv("/a", "1"), kv("/b", "x")]
+            ),
+            Verdict::Again(vec![b"/a".to_vec()])
+        );
+        // An index stored by hand as "7\n" is ours when that is what this process read.
+        assert_eq!(
+            judge(
+                true,
+                8,
+                b"7\n",
+                &compared,
+                index("7\n").as_ref(),
+                &[None, kv("/b", "x")]
+            ),
+            Verdict::Again(vec![])
+        );
+        // An index-only chunk that does not move the index never counts as landed.
+        assert_eq!(
+            judge(
+                false,
+                8,
+                b"7",
+                &compared,
+                index("8").as_ref(),
+                &[kv("/a", "1"), kv("/b", "y")]
+            ),
+            Verdict::OtherWriter
+        );
     }
 }

@@ -844,7 +844,9 @@ impl Client {
         drop(cluster);
         if self.api == Api::V3 && status != 200 {
             let err = grpc_error(status, &body);
-            return Err(Failure::Fatal(self.v3_refusal(&format!("range {}", self.check_key), &err)));
+            return Err(Failure::Fatal(
+                self.v3_refusal(&format!("range {}", self.check_key), &err),
+            ));
         }
         if status == 401 || status == 403 {
             let (code, msg) = etcd_error(&body).unwrap_or((UNAUTHORIZED, "no etcd error".into()));
@@ -1089,7 +1091,6 @@ pub struct GrpcError {
 }
 
 /// gRPC codes the mirror branches on.
-pub const GRPC_INVALID_ARGUMENT: u64 = 3;
 pub const GRPC_OUT_OF_RANGE: u64 = 11;
 const GRPC_PERMISSION_DENIED: u64 = 7;
 const GRPC_UNAUTHENTICATED: u64 = 16;
@@ -1098,7 +1099,10 @@ const GRPC_UNAUTHENTICATED: u64 = 16;
 /// HTTP status and the text.
 fn grpc_error(http: u16, body: &[u8]) -> GrpcError {
     let v: Option<Value> = serde_json::from_slice(body).ok();
-    let code = v.as_ref().and_then(|v| v.get("code")).and_then(Value::as_u64);
+    let code = v
+        .as_ref()
+        .and_then(|v| v.get("code"))
+        .and_then(Value::as_u64);
     let message = v
         .as_ref()
         .and_then(|v| v.get("message").or_else(|| v.get("error")))
@@ -1148,12 +1152,20 @@ impl Client {
         }
         let body = serde_json::json!({"name": user, "password": password}).to_string();
         let mut resp = self
-            .request_on(self.name(), "POST", "/v3/auth/authenticate", Some(body), |r| r)
-            .map_err(|e| match failed::<()>(e, self.name(), self.answered.get()) {
-                Attempt::Fatal(e) => Failure::Fatal(e),
-                Attempt::Retry(why) => Failure::Retry(format!("authentication: {why}")),
-                Attempt::Ok(()) => Failure::Retry("authentication: no answer".into()),
-            })?;
+            .request_on(
+                self.name(),
+                "POST",
+                "/v3/auth/authenticate",
+                Some(body),
+                |r| r,
+            )
+            .map_err(
+                |e| match failed::<()>(e, self.name(), self.answered.get()) {
+                    Attempt::Fatal(e) => Failure::Fatal(e),
+                    Attempt::Retry(why) => Failure::Retry(format!("authentication: {why}")),
+                    Attempt::Ok(()) => Failure::Retry("authentication: no answer".into()),
+                },
+            )?;
         let status = resp.status().as_u16();
         let body = read_body(&mut resp)
             .map_err(|e| Failure::Retry(format!("reading an authentication: {e}")))?;
@@ -1250,19 +1262,18 @@ impl Client {
         body: &str,
         idle: Duration,
         what: &str,
-    ) -> Result<std::result::Result<std::io::BufReader<ureq::BodyReader<'static>>, GrpcError>>
-    {
+    ) -> Result<std::result::Result<std::io::BufReader<ureq::BodyReader<'static>>, GrpcError>> {
         let (opened, _) = self.retrying(what, || {
             match self.ensure_token() {
                 Ok(()) => {}
                 Err(Failure::Retry(why)) => return Attempt::Retry(why),
                 Err(Failure::Fatal(e)) => return Attempt::Fatal(e),
             }
-            let mut resp = match self.request("POST", "/v3/watch", Some(body.to_string()), Some(idle))
-            {
-                Ok(r) => r,
-                Err(e) => return failed(e, self.name(), self.answered.get()),
-            };
+            let mut resp =
+                match self.request("POST", "/v3/watch", Some(body.to_string()), Some(idle)) {
+                    Ok(r) => r,
+                    Err(e) => return failed(e, self.name(), self.answered.get()),
+                };
             let status = resp.status().as_u16();
             if status != 200 {
                 let body = read_body(&mut resp).unwrap_or_default();
@@ -1369,7 +1380,13 @@ mod tests {
     }
 
     fn client(list: &str, budget: Duration) -> Client {
-        Client::new(&Endpoint::parse(list).unwrap(), Api::V2, "source", "/x", budget)
+        Client::new(
+            &Endpoint::parse(list).unwrap(),
+            Api::V2,
+            "source",
+            "/x",
+            budget,
+        )
     }
 
     /// A failure moves to the next member at once; the budget is spent only when a whole

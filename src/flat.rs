@@ -55,10 +55,7 @@ pub fn below(dir: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
     if dir == "/" {
         let rep = format!("{REPLICATION_DIR}/").into_bytes();
         let rep_end = prefix_end(&rep);
-        return vec![
-            (b"/".to_vec(), rep.clone()),
-            (rep_end, prefix_end(b"/")),
-        ];
+        return vec![(b"/".to_vec(), rep.clone()), (rep_end, prefix_end(b"/"))];
     }
     let from = format!("{dir}/").into_bytes();
     let to = prefix_end(&from);
@@ -121,10 +118,7 @@ pub fn from_v2(ev: &etcd::Event, keys: &KeyMap) -> Batch {
         source: ev.node.key.clone(),
         ..Batch::default()
     };
-    let deletes = matches!(
-        ev.action.as_str(),
-        "delete" | "compareAndDelete" | "expire"
-    );
+    let deletes = matches!(ev.action.as_str(), "delete" | "compareAndDelete" | "expire");
     let dst = match keys.route(&ev.node.key) {
         Route::Skip(_) => return batch,
         Route::Subtree if deletes => {
@@ -242,8 +236,13 @@ pub fn weight(c: &Change) -> usize {
 
 /// Split changes into transactions of at most `MAX_CHANGES` and about `MAX_BYTES` each.
 pub fn chunks(changes: &[Change]) -> Vec<&[Change]> {
+    chunks_by(changes, weight)
+}
+
+/// Split any writes into transactions as `chunks` does, each weighed by `weight` (bytes).
+pub fn chunks_by<T>(items: &[T], weight: impl Fn(&T) -> usize) -> Vec<&[T]> {
     let mut out = Vec::new();
-    let mut rest = changes;
+    let mut rest = items;
     while !rest.is_empty() {
         let mut n = 0usize;
         let mut bytes = 0usize;
@@ -330,14 +329,22 @@ mod tests {
         let mkdir = from_v2(&ev("set", node("/app/d", None, 9), None), &k);
         assert!(mkdir.is_empty());
         let rmdir = from_v2(
-            &ev("delete", node("/app/d", None, 10), Some(node("/app/d", None, 9))),
+            &ev(
+                "delete",
+                node("/app/d", None, 10),
+                Some(node("/app/d", None, 9)),
+            ),
             &k,
         );
         assert_eq!(rmdir.clear, below("/replica/app/d"));
         assert_eq!(rmdir.clear[0].0, b"/replica/app/d/");
         assert_eq!(rmdir.clear[0].1, b"/replica/app/d0");
         let to_dir = from_v2(
-            &ev("set", node("/app/a", None, 11), Some(node("/app/a", Some("2"), 8))),
+            &ev(
+                "set",
+                node("/app/a", None, 11),
+                Some(node("/app/a", Some("2"), 8)),
+            ),
             &k,
         );
         assert_eq!(
@@ -369,7 +376,14 @@ mod tests {
         assert_eq!(r[1], (b"/__replication0".to_vec(), b"0".to_vec()));
     }
 
-    fn v3ev(key: &[u8], delete: bool, value: &[u8], created: u64, rev: u64, prev: Option<&[u8]>) -> v3::Event {
+    fn v3ev(
+        key: &[u8],
+        delete: bool,
+        value: &[u8],
+        created: u64,
+        rev: u64,
+        prev: Option<&[u8]>,
+    ) -> v3::Event {
         v3::Event {
             delete,
             kv: v3::Kv {
@@ -423,7 +437,10 @@ mod tests {
         assert!(route_v3(&root, b"x").is_err());
         assert!(route_v3(&root, b"/__replication/r").is_err());
         let nostrip = map("/app", "/replica", false);
-        assert_eq!(route_v3(&nostrip, b"/app/x"), Ok(b"/replica/app/x".to_vec()));
+        assert_eq!(
+            route_v3(&nostrip, b"/app/x"),
+            Ok(b"/replica/app/x".to_vec())
+        );
     }
 
     #[test]
@@ -432,7 +449,10 @@ mod tests {
             .map(|i| change(&format!("/k{i}"), Expect::Absent, Some("v")))
             .collect();
         let c = chunks(&small);
-        assert_eq!(c.iter().map(|c| c.len()).collect::<Vec<_>>(), vec![100, 100, 50]);
+        assert_eq!(
+            c.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            vec![100, 100, 50]
+        );
         let big = vec![0u8; 700 * 1024];
         let large: Vec<Change> = (0..3)
             .map(|i| Change {

@@ -11,6 +11,7 @@
 )]
 
 mod check;
+mod check3;
 mod cli;
 mod dest;
 mod dest3;
@@ -26,6 +27,7 @@ mod mirror3;
 mod pace;
 mod plan;
 mod reload;
+mod reload3;
 mod startup;
 mod v3;
 mod watch;

@@ -16,6 +16,8 @@ use crate::watch::{self, Watch};
 use crate::watch3::{self, Watch3};
 
 /// Where batches come from: a v2 source's events or a v3 source's revisions.
+// One value for the whole run: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Feed<'a> {
     V2(Watch<'a>),
     V3(Watch3<'a>),
@@ -45,10 +47,11 @@ impl Feed<'_> {
 }
 
 /// Replicate from `index` until an error stops us.
-pub fn run(cfg: &Config, src: &Client, dst: &Client, index: u64) -> Result<()> {
+/// `stored` is the index key's value as the destination holds it.
+pub fn run(cfg: &Config, src: &Client, dst: &Client, index: u64, stored: Vec<u8>) -> Result<()> {
     info!("Starting replication into v3 at {index}");
     metrics::update(|s| s.replicated_index = index);
-    let mut dest = Dest3::new(dst, &cfg.keys.index_key(), index);
+    let mut dest = Dest3::new(dst, &cfg.keys.index_key(), index, stored);
     let mut feed = match cfg.src_api {
         Api::V2 => Feed::V2(Watch::new(src, &cfg.keys.src_prefix, cfg.watch_timeout)),
         Api::V3 => {

@@ -8,7 +8,7 @@ use crate::cli::{Api, Config};
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
 use crate::etcd::{encode, Client};
-use crate::{dest, dest3, keys, metrics, mirror, mirror3, reload};
+use crate::{dest, dest3, keys, metrics, mirror, mirror3, reload, reload3};
 
 /// Log to stderr; under systemd (`JOURNAL_STREAM`) with syslog priorities and no timestamps.
 /// Whatever `RUST_LOG` says, other crates log at info and above only (see `OwnDetail`).
@@ -150,15 +150,12 @@ pub fn run(cfg: &Config) -> Result<()> {
             )));
         }
     }
-    let index = if cfg.reload {
+    // The index to replicate from, and its text as the destination holds it (a v3
+    // destination compares it byte for byte; an index written by hand may hold "42\n").
+    let (index, stored) = if cfg.reload {
         let reloaded = match cfg.dst_api {
             Api::V2 => reload::reload(cfg, &src, &dst)?,
-            // Wired to reload3 once it lands.
-            Api::V3 => {
-                return Err(Error::Usage(
-                    "--reload into a v3 destination is not built yet".into(),
-                ))
-            }
+            Api::V3 => reload3::reload(cfg, &src, &dst)?,
         };
         match reloaded {
             Some(index) if cfg.reload_only => {
@@ -170,27 +167,27 @@ pub fn run(cfg: &Config) -> Result<()> {
                 );
                 return Ok(());
             }
-            Some(index) => index,
+            Some(index) => (index, index.to_string().into_bytes()),
             None => return Ok(()),
         }
     } else {
         let key = cfg.keys.index_key();
-        let stored = match cfg.dst_api {
-            Api::V2 => dest::read_index(&dst, &key)?.map(|(i, _)| i),
+        let found = match cfg.dst_api {
+            Api::V2 => dest::read_index(&dst, &key)?.map(|(i, _)| (i, Vec::new())),
             Api::V3 => dest3::read_index(&dst, &key)?,
         };
-        let index = stored.ok_or_else(|| {
+        let found = found.ok_or_else(|| {
             Error::Usage(format!(
                 "no replication index at {key} on {}: the destination was never loaded; run with --reload",
                 dst.name()
             ))
         })?;
         log::info!("Current index read from {key}");
-        index
+        found
     };
     match cfg.dst_api {
         Api::V2 => mirror::Mirror::new(cfg, &src, &dst, index).run(),
-        Api::V3 => mirror3::run(cfg, &src, &dst, index),
+        Api::V3 => mirror3::run(cfg, &src, &dst, index, stored),
     }
 }
 
@@ -264,7 +261,13 @@ pub fn clients(cfg: &Config, budget: Duration, probe: Duration) -> Result<(Clien
         &keys::join(&cfg.keys.src_prefix, "_etcdmirror_member_check"),
         budget,
     );
-    let dst = Client::new(&cfg.dst, cfg.dst_api, "destination", &cfg.keys.index_key(), budget);
+    let dst = Client::new(
+        &cfg.dst,
+        cfg.dst_api,
+        "destination",
+        &cfg.keys.index_key(),
+        budget,
+    );
     // A member that does not answer this soon is checked when the mirror moves to it.
     let survey_timeout = probe.min(Duration::from_secs(3));
     src.survey(survey_timeout)?;

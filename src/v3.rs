@@ -74,8 +74,14 @@ pub fn revision(v: &Value) -> std::result::Result<u64, String> {
 
 /// The text of a key for messages: as it is when it is text, escaped otherwise.
 pub fn show(key: &[u8]) -> String {
-    String::from_utf8(key.to_vec())
-        .unwrap_or_else(|_| key.escape_ascii().to_string())
+    String::from_utf8(key.to_vec()).unwrap_or_else(|_| key.escape_ascii().to_string())
+}
+
+/// Add a field to a request body (an object).
+fn set(body: &mut Value, field: &str, value: Value) {
+    if let Value::Object(m) = body {
+        m.insert(field.to_string(), value);
+    }
 }
 
 /// A malformed answer: the server is not the etcd we know, or a proxy mangled it.
@@ -132,13 +138,17 @@ impl Range<'_> {
                 "limit": if self.limit > 0 { self.limit } else { PAGE },
             });
             if found.revision > 0 {
-                body["revision"] = json!(found.revision.to_string());
+                set(&mut body, "revision", json!(found.revision.to_string()));
             }
             if self.keys_only {
-                body["keys_only"] = json!(true);
+                set(&mut body, "keys_only", json!(true));
             }
             if self.min_mod > 0 {
-                body["min_mod_revision"] = json!(self.min_mod.to_string());
+                set(
+                    &mut body,
+                    "min_mod_revision",
+                    json!(self.min_mod.to_string()),
+                );
             }
             let (answer, _) = c.call_v3("kv/range", &body.to_string(), &what)?;
             let v = match answer {
@@ -185,7 +195,7 @@ pub fn count(
     let what = format!("count {}", show(key));
     let mut body = json!({"key": base64(key), "range_end": base64(end), "count_only": true});
     if at > 0 {
-        body["revision"] = json!(at.to_string());
+        set(&mut body, "revision", json!(at.to_string()));
     }
     let (answer, _) = c.call_v3("kv/range", &body.to_string(), &what)?;
     Ok(match answer {
@@ -210,14 +220,6 @@ pub fn get(c: &Client, key: &[u8]) -> Result<Option<Kv>> {
     .read(c)?
     .map_err(|e| c.v3_refusal(&format!("range {}", show(key)), &e))?;
     Ok(found.kvs.into_iter().find(|k| k.key == key))
-}
-
-/// The cluster's current revision.
-pub fn current_revision(c: &Client) -> Result<u64> {
-    let what = "status";
-    let (answer, _) = c.call_v3("maintenance/status", "{}", what)?;
-    let v = answer.map_err(|e| c.v3_refusal(what, &e))?;
-    revision(&v).map_err(|e| malformed(c, what, &e))
 }
 
 /// The cluster's id, in hex as v2's `X-Etcd-Cluster-Id` writes it.
@@ -290,8 +292,8 @@ impl Write {
 /// How a transaction ended.
 #[derive(Debug)]
 pub enum TxnOutcome {
-    /// Every compare held and the writes are done, at this revision.
-    Done(u64),
+    /// Every compare held and the writes are done.
+    Done,
     /// A compare failed: what each compared key holds now, in the order of the compares,
     /// read in the same transaction.
     Failed(Vec<Option<Kv>>),
@@ -317,8 +319,7 @@ pub fn txn(
     let (answer, retried) = c.call_v3("kv/txn", &body.to_string(), what)?;
     let v = answer.map_err(|e| c.v3_refusal(what, &e))?;
     if v.get("succeeded").and_then(Value::as_bool).unwrap_or(false) {
-        let rev = revision(&v).map_err(|e| malformed(c, what, &e))?;
-        return Ok((TxnOutcome::Done(rev), retried));
+        return Ok((TxnOutcome::Done, retried));
     }
     let responses = match v.get("responses") {
         Some(Value::Array(a)) => a.as_slice(),
@@ -364,7 +365,10 @@ pub enum Message {
     Events(Vec<Event>),
     /// The watch was cancelled: its start revision was compacted (`compact_revision`), or
     /// for the reason given.
-    Canceled { compact_revision: u64, reason: String },
+    Canceled {
+        compact_revision: u64,
+        reason: String,
+    },
     /// A message with nothing in it for the mirror (a progress notification).
     Nothing,
     /// The server ended the stream with an error (it is stopping, typically).
@@ -442,8 +446,7 @@ pub fn watch(
         "prev_kv": true,
     }});
     let what = format!("watch {} from revision {start}", show(key));
-    Ok(c
-        .open_v3_watch(&body.to_string(), idle, &what)?
+    Ok(c.open_v3_watch(&body.to_string(), idle, &what)?
         .map(|reader| Stream { reader }))
 }
 

@@ -98,10 +98,7 @@ impl<'a> Watch3<'a> {
                 }
                 Ok(Next::Closed) => self.broken("the source closed the watch")?,
                 Ok(Next::Quiet) => {
-                    debug!(
-                        "no byte from the watch for {:?}: renewing it",
-                        self.idle
-                    );
+                    debug!("no byte from the watch for {:?}: renewing it", self.idle);
                     self.stream = None;
                     if let Some(r) = self.quiet_until(applied)? {
                         return Ok(Arrival::Quiet(r));
@@ -163,13 +160,11 @@ impl<'a> Watch3<'a> {
             Err(e) => return Err(self.src.v3_refusal("watch", &e)),
         };
         match stream.next() {
-            Ok(Next::Message(Message::Created(head))) if head < applied => {
-                Err(Error::IndexAhead {
-                    source: self.src.name().to_string(),
-                    head,
-                    index: applied,
-                })
-            }
+            Ok(Next::Message(Message::Created(head))) if head < applied => Err(Error::IndexAhead {
+                source: self.src.name().to_string(),
+                head,
+                index: applied,
+            }),
             Ok(Next::Message(Message::Created(_))) => {
                 debug!("watching {} from revision {start}", v3::show(&self.key));
                 self.stream = Some(stream);
