@@ -473,10 +473,17 @@ fn v3_to_v3_every_event_kind_reload_then_live() {
     assert_eq!(dst.get("/replica/app/e").as_deref(), Some("now set"));
     assert_eq!(dst.get("/replica/app/e2").as_deref(), Some(""));
 
-    // binary values, overwritten
+    // binary values, overwritten; a key that is not UTF-8
     src.put_bytes(b"/app/bin", binary);
     src.put_bytes(b"/app/bin", &binary[1..]);
+    src.put_bytes(b"/app/\xff\xfe/k", binary);
     s.wait_synced(&mut m, "binary values");
+    assert_eq!(
+        dst.range_bytes(b"/replica/app/\xff\xfe/k")
+            .get(&b"/replica/app/\xff\xfe/k"[..])
+            .map(Vec::as_slice),
+        Some(binary)
+    );
     assert_eq!(
         value_bytes(dst, "/replica/app/bin").as_deref(),
         Some(&binary[1..])
@@ -513,14 +520,14 @@ fn v3_to_v3_every_event_kind_reload_then_live() {
     assert!(dst.get("/replica/app/e").is_none());
     assert_eq!(dst.get("/replica/app/t/3").as_deref(), Some("three"));
 
-    // 300 keys in 3 revisions, then deleted by one range delete in one revision
-    for chunk in 0..3 {
-        let keys: Vec<(String, String)> = (0..100)
-            .map(|i| {
-                let n = chunk * 100 + i;
-                (format!("/app/bulk/{n:03}"), format!("value {n}"))
-            })
+    // 300 keys in 3 revisions (two of 128 puts, the most a txn takes: more than one
+    // destination txn can carry with its compares), then one range delete in one revision
+    let mut n = 0;
+    for size in [128, 128, 44] {
+        let keys: Vec<(String, String)> = (n..n + size)
+            .map(|i| (format!("/app/bulk/{i:03}"), format!("value {i}")))
             .collect();
+        n += size;
         let ops: Vec<(&str, &str, &str)> = keys
             .iter()
             .map(|(k, v)| ("put", k.as_str(), v.as_str()))
