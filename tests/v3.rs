@@ -710,6 +710,52 @@ fn v3_to_v3_other_writers_exit_3_and_5() {
     other_writers(Api::V3ToV3, "v3v3-writers");
 }
 
+/// Two mirrors really running on one destination prefix: every event is written by one of
+/// them first, so the other's transaction fails its compare on the index; that answer is
+/// no lost answer of its own, so it must stop (exit 5, or 3), and the survivor goes on.
+#[test]
+fn two_v3_mirrors_on_one_destination_one_exits() {
+    let s = Setup::new("v3v3-two", Api::V3ToV3);
+    s.put("/app/seed", "s");
+    let mut a = s.start_reloaded();
+    s.wait_synced(&mut a, "the reload");
+    let mut b = s.start(false);
+    b.wait_log(Duration::from_secs(20), "Starting replication");
+    // One write at a time, the next once both mirrors have handled it (the faster one says
+    // "index N" once, the slower one twice, with its verdict; a bound, not a failure, if
+    // the wording differs): the slower one then always finds the index and the keys
+    // exactly where its own transaction would have put them.
+    let exited = |a: &mut Mirror, b: &mut Mirror| a.exited().is_some() || b.exited().is_some();
+    for n in 0..5 {
+        s.put(&format!("/app/two/{n}"), "x");
+        let needle = format!("index {} ", s.head());
+        poll_until(Duration::from_secs(5), || {
+            exited(&mut a, &mut b)
+                || (a.stderr() + &b.stderr()).matches(needle.as_str()).count() >= 3
+        });
+        if exited(&mut a, &mut b) {
+            break;
+        }
+    }
+    let one_exited = poll_until(Duration::from_secs(5), || exited(&mut a, &mut b));
+    assert!(
+        one_exited,
+        "neither mirror exited although both write the same index; stderr a:\n{}\n\
+         stderr b:\n{}",
+        tail(&a.stderr(), 5),
+        tail(&b.stderr(), 5)
+    );
+    let (mut gone, mut survivor) = if a.exited().is_some() { (a, b) } else { (b, a) };
+    let code = gone.exited().unwrap();
+    assert!(
+        code == 5 || code == 3,
+        "exit {code}; stderr:\n{}",
+        tail(&gone.stderr(), 10)
+    );
+    s.put("/app/after", "a");
+    s.wait_synced(&mut survivor, "a write after the other mirror stopped");
+}
+
 #[test]
 fn a_v3_source_into_a_v2_destination_is_refused_before_any_connection() {
     // Listeners on loopback stand for SRC and DST: any connection attempt would show.
