@@ -40,6 +40,8 @@ pub struct Batch {
     pub action: String,
     /// The source key(s), for messages.
     pub source: String,
+    /// How many later revisions were merged into this one (`merge`).
+    pub merged: u64,
 }
 
 impl Batch {
@@ -261,6 +263,55 @@ pub fn chunks_by<T>(items: &[T], weight: impl Fn(&T) -> usize) -> Vec<&[T]> {
     out
 }
 
+/// Append the next revision's batch to `into`, as one step from the state before `into` to
+/// the state after `next`, when the result still fits one transaction: a key both touch
+/// keeps its first expected state and takes its last new one. `false` (and `into`
+/// unchanged) when it would not fit, or when either clears ranges (v2 directory deletes,
+/// which are never merged).
+pub fn merge(into: &mut Batch, next: &Batch) -> bool {
+    if !into.clear.is_empty() || !next.clear.is_empty() || next.index <= into.index {
+        return false;
+    }
+    let fresh: Vec<&Change> = next
+        .changes
+        .iter()
+        .filter(|c| !into.changes.iter().any(|d| d.key == c.key))
+        .collect();
+    let bytes = into
+        .changes
+        .iter()
+        .chain(next.changes.iter())
+        .map(weight)
+        .fold(0usize, usize::saturating_add);
+    if into.changes.len().saturating_add(fresh.len()) > MAX_CHANGES || bytes > MAX_BYTES {
+        return false;
+    }
+    for c in &next.changes {
+        match into.changes.iter_mut().find(|d| d.key == c.key) {
+            Some(d) => d.new.clone_from(&c.new),
+            None => into.changes.push(c.clone()),
+        }
+    }
+    into.index = next.index;
+    if into.action != next.action && !next.action.is_empty() {
+        into.action = if into.action.is_empty() {
+            next.action.clone()
+        } else {
+            "txn".to_string()
+        };
+    }
+    if into.source.is_empty() {
+        into.source.clone_from(&next.source);
+    } else if !next.source.is_empty() {
+        into.source = format!(
+            "{} (and up to index {})",
+            into.source.split(" (and up to").next().unwrap_or_default(),
+            next.index
+        );
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,6 +492,39 @@ mod tests {
             route_v3(&nostrip, b"/app/x"),
             Ok(b"/replica/app/x".to_vec())
         );
+    }
+
+    #[test]
+    fn merged_revisions_go_from_the_first_state_to_the_last() {
+        let k = map("/", "/", false);
+        let mut b = from_v3(10, &[v3ev(b"/a", false, b"1", 10, 10, None)], &k);
+        let next = from_v3(
+            11,
+            &[
+                v3ev(b"/a", false, b"2", 10, 11, Some(b"1")),
+                v3ev(b"/b", true, b"", 3, 11, Some(b"x")),
+            ],
+            &k,
+        );
+        assert!(merge(&mut b, &next));
+        assert_eq!(b.index, 11);
+        assert_eq!(
+            b.changes,
+            vec![
+                change("/a", Expect::Absent, Some("2")),
+                change("/b", Expect::Value(b"x".to_vec()), None)
+            ]
+        );
+        assert_eq!(b.action, "txn");
+        // Never backwards, never past one transaction, never with a range delete.
+        assert!(!merge(&mut b.clone(), &next));
+        let many: Vec<v3::Event> = (0..MAX_CHANGES)
+            .map(|i| v3ev(format!("/m{i}").as_bytes(), false, b"v", 12, 12, None))
+            .collect();
+        assert!(!merge(&mut b.clone(), &from_v3(12, &many, &k)));
+        let mut cleared = b.clone();
+        cleared.clear = below("/x");
+        assert!(!merge(&mut cleared, &from_v3(13, &[], &k)));
     }
 
     #[test]

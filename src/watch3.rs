@@ -109,6 +109,20 @@ impl<'a> Watch3<'a> {
         }
     }
 
+    /// A revision already received after `after`, without waiting, so that the loop can
+    /// write several in one transaction; give it back with `unget` when it does not fit.
+    pub fn queued(&mut self, after: u64) -> Option<(u64, Vec<v3::Event>)> {
+        match self.queue.front() {
+            Some((rev, _)) if *rev > after => self.queue.pop_front(),
+            _ => None,
+        }
+    }
+
+    /// Put back a revision taken with `queued`.
+    pub fn unget(&mut self, rev: u64, events: Vec<v3::Event>) {
+        self.queue.push_front((rev, events));
+    }
+
     /// Queue a message's events by revision; they must be new and in order.
     fn take(&mut self, events: Vec<v3::Event>, applied: u64) -> std::result::Result<(), String> {
         let mut last = self.queue.back().map_or(applied, |(r, _)| *r);
