@@ -392,7 +392,10 @@ fn validate(raw: RawArgs) -> Result<Config> {
             )))
         }
     };
-    let (src_api, dst_api) = (api("--src-api", raw.src_api)?, api("--dst-api", raw.dst_api)?);
+    let (src_api, dst_api) = (
+        api("--src-api", raw.src_api)?,
+        api("--dst-api", raw.dst_api)?,
+    );
     if (src_api, dst_api) == (Api::V3, Api::V2) {
         return Err(usage(
             "--src-api v3 with --dst-api v2 is not supported: a v3 source is mirrored into a \

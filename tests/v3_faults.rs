@@ -301,17 +301,19 @@ fn sigkills(mode: Mode) {
 
     let events = AtomicU64::new(0);
     let writer_done = AtomicBool::new(false);
+    let abort = AtomicBool::new(false);
     let max_lag = AtomicU64::new(0);
     let mut kills = 0;
     let mut progressed = 0;
     let t0 = Instant::now();
     std::thread::scope(|scope| {
         let (s, events, writer_done, max_lag) = (&s, &events, &writer_done, &max_lag);
+        let abort = &abort;
         scope.spawn(move || {
             let mut rng = Rng::new(seed);
             let t0 = Instant::now();
             let mut steps = 0u64;
-            while t0.elapsed() < WRITE_FOR {
+            while t0.elapsed() < WRITE_FOR && !abort.load(Ordering::Relaxed) {
                 // Pacing, not synchronisation: step n is due at n / RATE.
                 let due = Duration::from_micros(steps * 1_000_000 / RATE);
                 if let Some(ahead) = due.checked_sub(t0.elapsed()) {
@@ -323,7 +325,7 @@ fn sigkills(mode: Mode) {
                     let caught_up = poll_until(Duration::from_secs(60), || {
                         let lag = s.src_index().saturating_sub(s.stored().unwrap_or(0));
                         max_lag.fetch_max(lag, Ordering::Relaxed);
-                        lag < 300
+                        lag < 300 || abort.load(Ordering::Relaxed)
                     });
                     if !caught_up {
                         break;
@@ -341,6 +343,8 @@ fn sigkills(mode: Mode) {
             writer_done.store(true, Ordering::Relaxed);
         });
 
+        // Stops the writer when this closure ends, by a failed assertion too.
+        let _abort = StopOnDrop(abort);
         let mut krng = Rng::new(seed ^ 0xdead_beef);
         while kills < MIN_KILLS || (!writer_done.load(Ordering::Relaxed) && kills < MAX_KILLS) {
             // A random moment: sometimes right after the start, mostly in the middle of work.
@@ -827,6 +831,8 @@ fn v3_to_v3_reload_on_a_busy_source_then_the_mirror_converges() {
                 writes.fetch_add(1, Ordering::Relaxed);
             }
         });
+        // Stops the writer when this closure ends, by a failed assertion too.
+        let _stop = StopOnDrop(stop);
         wait_until(Duration::from_secs(10), "the writer to start", || {
             writes.load(Ordering::Relaxed) > 20
         });
@@ -867,6 +873,15 @@ fn v3_to_v3_reload_on_a_busy_source_then_the_mirror_converges() {
         at_reload_end > 0,
         "no write landed during the reload: the source was not busy"
     );
+}
+
+/// Sets its flag when dropped: a scoped writer thread stops even when the test fails.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// What one `--check` run gave: (exit code, stdout, stderr).

@@ -148,7 +148,10 @@ impl V3 {
     #[track_caller]
     pub fn lease(&self, ttl: u64) -> i64 {
         let v = self.ok("lease/grant", &json!({"TTL": ttl.to_string()}));
-        v["ID"].as_str().and_then(|s| s.parse().ok()).expect("lease id")
+        v["ID"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("lease id")
     }
 
     /// Revoke a lease (its keys are deleted in one revision).
@@ -181,7 +184,9 @@ impl V3 {
         let success: Vec<Value> = ops
             .iter()
             .map(|(op, k, v)| match *op {
-                "put" => json!({"request_put": {"key": b64(k.as_bytes()), "value": b64(v.as_bytes())}}),
+                "put" => {
+                    json!({"request_put": {"key": b64(k.as_bytes()), "value": b64(v.as_bytes())}})
+                }
                 "del" => json!({"request_delete_range": {"key": b64(k.as_bytes())}}),
                 o => panic!("unknown txn op {o}"),
             })
@@ -247,7 +252,10 @@ impl V3 {
         } else {
             prefix.to_vec()
         };
-        let v = self.ok("kv/range", &json!({"key": b64(&key), "range_end": b64(&end)}));
+        let v = self.ok(
+            "kv/range",
+            &json!({"key": b64(&key), "range_end": b64(&end)}),
+        );
         v["kvs"]
             .as_array()
             .map(|kvs| {
@@ -309,7 +317,11 @@ pub fn etcdctl_prefix(base: &str, prefix: &str) -> BTreeMap<String, String> {
         .args(["--endpoints", base, "get", "--prefix", prefix])
         .output()
         .expect("run etcdctl");
-    assert!(out.status.success(), "etcdctl: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "etcdctl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).expect("utf-8 from etcdctl");
     let lines: Vec<&str> = text.lines().collect();
     lines
