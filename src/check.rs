@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use log::debug;
 use serde_json::{json, Value};
 
-use crate::cli::{one_line, Config};
+use crate::cli::{one_line, Api, Config};
 use crate::dest::read_index;
 use crate::error::{Error, Result};
 use crate::etcd::{Client, Node};
@@ -65,7 +65,7 @@ pub const DIR_LIMIT: usize = 256;
 
 /// How often the replication index is read while waiting for it, and the pause between two
 /// reads of keys that keep changing.
-const POLL: Duration = Duration::from_millis(100);
+pub(crate) const POLL: Duration = Duration::from_millis(100);
 
 /// Differences named in the status line; `--json` lists them all.
 const NAMED: usize = 5;
@@ -493,7 +493,11 @@ fn print_result(text: String, status: Status) -> ExitCode {
 /// Run the check, print its result, and give its exit code.
 pub fn run(cfg: &Config, opts: Options) -> ExitCode {
     let sides = Sides::of(cfg);
-    match audit(cfg, opts) {
+    let report = match cfg.dst_api {
+        Api::V2 => audit(cfg, opts),
+        Api::V3 => crate::check3::audit(cfg, opts),
+    };
+    match report {
         Ok(r) if opts.json => {
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             // A closed stdout must not turn a result into a panic; the exit code still tells.

@@ -12,7 +12,7 @@ use crate::keys::{normalize_prefix, KeyMap};
 
 /// The help text; the exit-code table here is the same as the README's.
 pub const HELP: &str = "\
-etcdmirror: mirror an etcd v2 cluster (SRC) into a read-only replica (DST)
+etcdmirror: mirror an etcd cluster (SRC) into a read-only replica (DST), v2 or v3
 
 Usage: etcdmirror [OPTIONS] SRC DST
   SRC, DST are URLs like https://user:pass@host:2379, or a cluster's member URLs separated
@@ -70,7 +70,8 @@ Exit codes:
   1  transient failure, retries exhausted (safe to restart)
   2  usage or configuration error, or a refused --reload
   3  inconsistency on the destination (needs a human)
-  4  source index cleared: history window lost (run with --reload)
+  4  source index cleared: history window lost, or a v3 revision compacted
+     (run with --reload)
   5  another writer changed the replication index (stop the other mirror)
   6  etcd refused a request for a reason that is not the key's state (e.g. too large)
 

@@ -176,6 +176,12 @@ impl Endpoint {
         self.user.as_deref()
     }
 
+    /// The user and password, when there is a user (v3 exchanges them for a token).
+    pub fn credentials(&self) -> Option<(&str, &str)> {
+        let user = self.user.as_deref()?;
+        Some((user, self.password.as_deref().unwrap_or("")))
+    }
+
     /// The `Authorization` header value, when there is a user.
     pub fn auth_header(&self) -> Option<String> {
         let user = self.user.as_ref()?;
@@ -349,7 +355,8 @@ fn percent_decode(s: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| "credentials are not UTF-8".into())
 }
 
-fn base64(input: &[u8]) -> String {
+/// Standard padded base64 (RFC 4648), as HTTP basic auth and etcd's v3 gateway want it.
+pub fn base64(input: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3).saturating_mul(4));
     for chunk in input.chunks(3) {
@@ -365,6 +372,36 @@ fn base64(input: &[u8]) -> String {
         }
     }
     out
+}
+
+/// Decode standard base64, padded or not; `None` for anything else.
+pub fn unbase64(s: &str) -> Option<Vec<u8>> {
+    let digit = |c: u8| -> Option<u32> {
+        Some(u32::from(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        }))
+    };
+    let data = s.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(data.len().saturating_mul(3) / 4);
+    for chunk in data.chunks(4) {
+        if chunk.len() == 1 {
+            return None;
+        }
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= digit(c)? << (18 - 6 * i as u32);
+        }
+        // k digits carry k - 1 bytes.
+        for i in 0..chunk.len().saturating_sub(1) {
+            out.push((n >> (16 - 8 * i as u32)) as u8);
+        }
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -539,26 +576,6 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
-        fn unbase64(s: &str) -> Vec<u8> {
-            const ALPHABET: &[u8] =
-                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-            let digits: Vec<u32> = s
-                .bytes()
-                .filter(|&b| b != b'=')
-                .map(|b| ALPHABET.iter().position(|&a| a == b).unwrap() as u32)
-                .collect();
-            let mut out = Vec::new();
-            for chunk in digits.chunks(4) {
-                let n = chunk
-                    .iter()
-                    .chain(std::iter::repeat(&0))
-                    .take(4)
-                    .fold(0u32, |n, d| n << 6 | d);
-                out.extend(&n.to_be_bytes()[1..chunk.len()]);
-            }
-            out
-        }
-
         fn percent_encode_all(s: &str) -> String {
             s.bytes().map(|b| format!("%{b:02x}")).collect()
         }
@@ -570,7 +587,13 @@ mod tests {
             fn base64_round_trips(bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
                 let e = base64(&bytes);
                 prop_assert_eq!(e.len(), bytes.len().div_ceil(3) * 4);
-                prop_assert_eq!(unbase64(&e), bytes);
+                prop_assert_eq!(unbase64(&e), Some(bytes.clone()));
+                prop_assert_eq!(unbase64(e.trim_end_matches('=')), Some(bytes));
+            }
+
+            #[test]
+            fn unbase64_takes_any_text_without_panicking(s in ".*") {
+                let _ = unbase64(&s);
             }
 
             #[test]
@@ -600,7 +623,7 @@ mod tests {
                         let shown = format!("{e} {e:?}");
                         prop_assert!(!shown.contains(&secret), "{}", shown);
                         let header = e.auth_header().unwrap();
-                        let creds = unbase64(header.strip_prefix("Basic ").unwrap());
+                        let creds = unbase64(header.strip_prefix("Basic ").unwrap()).unwrap();
                         let decoded = percent_decode(&secret).map(|p| format!("u:{p}"));
                         prop_assert_eq!(Ok(String::from_utf8(creds).unwrap()), decoded);
                     }

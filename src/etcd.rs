@@ -1,4 +1,5 @@
-//! The etcd v2 HTTP client: requests, response parsing, and retrying transient faults.
+//! The etcd HTTP client: members, failover and the one retry policy, the v2 keys API, and the
+//! transport of the v3 JSON gateway (whose messages `v3.rs` builds and reads).
 
 use std::cell::{Cell, RefCell};
 use std::io::Read;
@@ -7,7 +8,8 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use serde_json::Value;
 
-use crate::endpoint::Endpoint;
+use crate::cli::Api;
+use crate::endpoint::{base64, Endpoint};
 use crate::error::{Error, Result};
 
 /// etcd error codes the mirror branches on.
@@ -287,6 +289,13 @@ pub struct Client {
     /// whatever the mirrored tree holds.
     check_key: String,
     auth: Option<String>,
+    /// Which API this side speaks; v2 and v3 differ in how a member is checked and how
+    /// credentials travel.
+    api: Api,
+    /// v3 with a user: the name and password for `/v3/auth/authenticate`, and the token it
+    /// gave (fetched on first use, again when the server no longer knows it).
+    creds: Option<(String, String)>,
+    token: RefCell<Option<String>>,
     retry_timeout: Duration,
     /// Set once the server has answered: a TLS failure before that is a configuration
     /// error, after it (a certificate rotated on the server) a transient fault.
@@ -433,6 +442,7 @@ impl Client {
     /// `check_key` is what `check` reads on each member (see the field).
     pub fn new(
         endpoint: &Endpoint,
+        api: Api,
         side: &'static str,
         check_key: &str,
         retry_timeout: Duration,
@@ -477,6 +487,11 @@ impl Client {
             cluster: RefCell::new(None),
             check_key: check_key.to_string(),
             auth: endpoint.auth_header(),
+            api,
+            creds: endpoint
+                .credentials()
+                .map(|(u, p)| (u.to_string(), p.to_string())),
+            token: RefCell::new(None),
             retry_timeout,
             answered: Cell::new(false),
         }
@@ -537,12 +552,18 @@ impl Client {
     ) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error> {
         let url = format!("{member}{target}");
         let mut req = ureq::http::Request::builder().method(method).uri(url);
-        if let Some(auth) = &self.auth {
+        let auth = match self.api {
+            Api::V2 => self.auth.clone(),
+            // The gateway takes the token as it is, without "Bearer".
+            Api::V3 => self.token.borrow().clone(),
+        };
+        if let Some(auth) = auth {
             req = req.header("Authorization", auth);
         }
-        let req = match &body {
-            Some(_) => req.header("Content-Type", "application/x-www-form-urlencoded"),
-            None => req,
+        let req = match (&body, self.api) {
+            (Some(_), Api::V2) => req.header("Content-Type", "application/x-www-form-urlencoded"),
+            (Some(_), Api::V3) => req.header("Content-Type", "application/json"),
+            (None, _) => req,
         };
         let req = req
             .body(body.unwrap_or_default())
@@ -642,10 +663,24 @@ impl Client {
         }
         let mut ids: Vec<(usize, String)> = Vec::new();
         for (i, member) in self.members.iter().enumerate() {
-            let resp = self.request_on(member, "HEAD", "/v2/keys/", None, |r| {
-                r.timeout_global(Some(timeout))
-            });
-            match resp.map(|r| header_str(&r, "x-etcd-cluster-id")) {
+            let resp = match self.api {
+                Api::V2 => self
+                    .request_on(member, "HEAD", "/v2/keys/", None, |r| {
+                        r.timeout_global(Some(timeout))
+                    })
+                    .map(|r| header_str(&r, "x-etcd-cluster-id")),
+                Api::V3 => self
+                    .request_on(
+                        member,
+                        "POST",
+                        "/v3/maintenance/status",
+                        Some("{}".into()),
+                        |r| r.timeout_global(Some(timeout)),
+                    )
+                    .and_then(|mut r| read_body(&mut r))
+                    .map(|body| v3_cluster_id(&body)),
+            };
+            match resp {
                 Ok(Some(id)) => ids.push((i, id)),
                 Ok(None) => warn!(
                     "{} member {member} answers without an X-Etcd-Cluster-Id header (not an \
@@ -731,8 +766,26 @@ impl Client {
         if self.members.len() < 2 || self.checked.get() {
             return Ok(());
         }
-        let target = Self::target(&self.check_key, &[("quorum", "true".into())]);
-        let resp = self.request_on(self.name(), "GET", &target, None, |r| {
+        if self.api == Api::V3 {
+            self.ensure_token()?;
+        }
+        let (method, target, body) = match self.api {
+            Api::V2 => (
+                "GET",
+                Self::target(&self.check_key, &[("quorum", "true".into())]),
+                None,
+            ),
+            // A v3 range is linearizable unless asked otherwise: the same proof as quorum.
+            Api::V3 => (
+                "POST",
+                "/v3/kv/range".to_string(),
+                Some(format!(
+                    "{{\"key\":\"{}\",\"keys_only\":true}}",
+                    base64(self.check_key.as_bytes())
+                )),
+            ),
+        };
+        let resp = self.request_on(self.name(), method, &target, body, |r| {
             if patient {
                 r
             } else {
@@ -753,6 +806,10 @@ impl Client {
         let id = header_str(&resp, "x-etcd-cluster-id");
         let body = read_body(&mut resp)
             .map_err(|e| Failure::Retry(format!("reading a quorum read: {e}")))?;
+        let id = match self.api {
+            Api::V2 => id,
+            Api::V3 => v3_cluster_id(&body),
+        };
         if status >= 500 {
             let text = String::from_utf8_lossy(&body).trim().to_string();
             return Err(Failure::Retry(format!(
@@ -785,6 +842,12 @@ impl Client {
             }
         }
         drop(cluster);
+        if self.api == Api::V3 && status != 200 {
+            let err = grpc_error(status, &body);
+            return Err(Failure::Fatal(
+                self.v3_refusal(&format!("range {}", self.check_key), &err),
+            ));
+        }
         if status == 401 || status == 403 {
             let (code, msg) = etcd_error(&body).unwrap_or((UNAUTHORIZED, "no etcd error".into()));
             return Err(Failure::Fatal(self.refusal(
@@ -1019,6 +1082,222 @@ impl Client {
     }
 }
 
+/// A refusal the v3 gateway reports: the HTTP status, the gRPC code and its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcError {
+    pub http: u16,
+    pub code: u64,
+    pub message: String,
+}
+
+/// gRPC codes the mirror branches on.
+pub const GRPC_OUT_OF_RANGE: u64 = 11;
+const GRPC_PERMISSION_DENIED: u64 = 7;
+const GRPC_UNAUTHENTICATED: u64 = 16;
+
+/// The gateway's error body `{"error":…,"message":…,"code":N}`; anything else keeps the
+/// HTTP status and the text.
+fn grpc_error(http: u16, body: &[u8]) -> GrpcError {
+    let v: Option<Value> = serde_json::from_slice(body).ok();
+    let code = v
+        .as_ref()
+        .and_then(|v| v.get("code"))
+        .and_then(Value::as_u64);
+    let message = v
+        .as_ref()
+        .and_then(|v| v.get("message").or_else(|| v.get("error")))
+        .and_then(Value::as_str)
+        .map_or_else(
+            || String::from_utf8_lossy(body).trim().to_string(),
+            str::to_string,
+        );
+    GrpcError {
+        http,
+        code: code.unwrap_or(0),
+        message,
+    }
+}
+
+/// A v3 answer's `header.cluster_id` (a decimal string), written in hex as v2's
+/// `X-Etcd-Cluster-Id` is, so that one id names a cluster whichever API reported it.
+fn v3_cluster_id(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    let id: u64 = v.get("header")?.get("cluster_id")?.as_str()?.parse().ok()?;
+    Some(format!("{id:x}"))
+}
+
+/// The v3 gateway's credentials refusals: a token it does not know (expired), none at all
+/// ("user name is empty"), or a user without permission.
+fn about_credentials(e: &GrpcError) -> bool {
+    e.http == 401
+        || e.http == 403
+        || e.code == GRPC_UNAUTHENTICATED
+        || e.code == GRPC_PERMISSION_DENIED
+        || e.message.contains("user name is empty")
+}
+
+impl Client {
+    /// Which API this side speaks.
+    pub fn api(&self) -> Api {
+        self.api
+    }
+
+    /// v3 with a user and no token yet: authenticate on the member in use.
+    fn ensure_token(&self) -> std::result::Result<(), Failure> {
+        let Some((user, password)) = self.creds.as_ref().filter(|_| self.api == Api::V3) else {
+            return Ok(());
+        };
+        if self.token.borrow().is_some() {
+            return Ok(());
+        }
+        let body = serde_json::json!({"name": user, "password": password}).to_string();
+        let mut resp = self
+            .request_on(
+                self.name(),
+                "POST",
+                "/v3/auth/authenticate",
+                Some(body),
+                |r| r,
+            )
+            .map_err(
+                |e| match failed::<()>(e, self.name(), self.answered.get()) {
+                    Attempt::Fatal(e) => Failure::Fatal(e),
+                    Attempt::Retry(why) => Failure::Retry(format!("authentication: {why}")),
+                    Attempt::Ok(()) => Failure::Retry("authentication: no answer".into()),
+                },
+            )?;
+        let status = resp.status().as_u16();
+        let body = read_body(&mut resp)
+            .map_err(|e| Failure::Retry(format!("reading an authentication: {e}")))?;
+        if status >= 500 {
+            return Err(Failure::Retry(format!("authentication: HTTP {status}")));
+        }
+        let token = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v.get("token")?.as_str().map(str::to_string));
+        match token {
+            Some(t) if status == 200 => {
+                *self.token.borrow_mut() = Some(t);
+                Ok(())
+            }
+            _ => {
+                let err = grpc_error(status, &body);
+                let side = if self.side == "source" { "src" } else { "dst" };
+                Err(Failure::Fatal(Error::Usage(format!(
+                    "the {} {} refused user {user:?}: {} (HTTP {status}); check --{side}-user \
+                     and --{side}-password-file",
+                    self.side,
+                    self.name(),
+                    err.message
+                ))))
+            }
+        }
+    }
+
+    /// A v3 refusal that is not about the state of a key: credentials exit 2, anything else
+    /// (too large, malformed) exit 6, as etcd gave it.
+    pub fn v3_refusal(&self, what: &str, e: &GrpcError) -> Error {
+        let text = format!(
+            "{what} on {} refused with HTTP {}, gRPC code {}: {}",
+            self.name(),
+            e.http,
+            e.code,
+            e.message
+        );
+        if about_credentials(e) {
+            let side = if self.side == "source" { "src" } else { "dst" };
+            Error::Usage(format!(
+                "{text} (authentication failed or the user may not do this: check \
+                 --{side}-user and --{side}-password-file)"
+            ))
+        } else {
+            Error::Refused(text)
+        }
+    }
+
+    /// One call of the v3 gateway (`/v3/<path>` with a JSON body), retried on transient
+    /// faults. The answer is the message, or the refusal for the caller to judge
+    /// (credentials refusals stop here, exit 2); the flag tells whether a request was
+    /// retried, so a write may have landed already.
+    pub fn call_v3(
+        &self,
+        path: &str,
+        body: &str,
+        what: &str,
+    ) -> Result<(std::result::Result<Value, GrpcError>, bool)> {
+        let target = format!("/v3/{path}");
+        self.retrying(what, || {
+            match self.ensure_token() {
+                Ok(()) => {}
+                Err(Failure::Retry(why)) => return Attempt::Retry(why),
+                Err(Failure::Fatal(e)) => return Attempt::Fatal(e),
+            }
+            let (status, body, _) = match self.exchange("POST", &target, Some(body.to_string())) {
+                Ok(r) => r,
+                Err(a) => return a,
+            };
+            if status == 200 {
+                return match serde_json::from_slice::<Value>(&body) {
+                    Ok(v) => Attempt::Ok(Ok(v)),
+                    Err(e) => Attempt::Retry(format!("malformed response: {e}")),
+                };
+            }
+            let err = grpc_error(status, &body);
+            if err.code == GRPC_UNAUTHENTICATED && self.creds.is_some() {
+                // The token expired (or the server restarted): authenticate again.
+                *self.token.borrow_mut() = None;
+                return Attempt::Retry(format!("the token was refused: {}", err.message));
+            }
+            if about_credentials(&err) {
+                return Attempt::Fatal(self.v3_refusal(what, &err));
+            }
+            Attempt::Ok(Err(err))
+        })
+    }
+
+    /// Open a v3 watch (`/v3/watch` with `body`): the stream of its JSON lines, each read
+    /// bounded by `idle`. Refusals before the stream starts are the caller's to judge.
+    pub fn open_v3_watch(
+        &self,
+        body: &str,
+        idle: Duration,
+        what: &str,
+    ) -> Result<std::result::Result<std::io::BufReader<ureq::BodyReader<'static>>, GrpcError>> {
+        let (opened, _) = self.retrying(what, || {
+            match self.ensure_token() {
+                Ok(()) => {}
+                Err(Failure::Retry(why)) => return Attempt::Retry(why),
+                Err(Failure::Fatal(e)) => return Attempt::Fatal(e),
+            }
+            let mut resp =
+                match self.request("POST", "/v3/watch", Some(body.to_string()), Some(idle)) {
+                    Ok(r) => r,
+                    Err(e) => return failed(e, self.name(), self.answered.get()),
+                };
+            let status = resp.status().as_u16();
+            if status != 200 {
+                let body = read_body(&mut resp).unwrap_or_default();
+                if status >= 500 {
+                    return Attempt::Retry(format!("HTTP {status}"));
+                }
+                let err = grpc_error(status, &body);
+                if about_credentials(&err) {
+                    return Attempt::Fatal(self.v3_refusal(what, &err));
+                }
+                return Attempt::Ok(Err(err));
+            }
+            Attempt::Ok(Ok(std::io::BufReader::new(resp.into_body().into_reader())))
+        })?;
+        Ok(opened)
+    }
+
+    /// After a credentials refusal inside a watch stream: forget the token, so that the
+    /// next request authenticates again.
+    pub fn forget_token(&self) {
+        *self.token.borrow_mut() = None;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1101,7 +1380,13 @@ mod tests {
     }
 
     fn client(list: &str, budget: Duration) -> Client {
-        Client::new(&Endpoint::parse(list).unwrap(), "source", "/x", budget)
+        Client::new(
+            &Endpoint::parse(list).unwrap(),
+            Api::V2,
+            "source",
+            "/x",
+            budget,
+        )
     }
 
     /// A failure moves to the next member at once; the budget is spent only when a whole

@@ -11,20 +11,27 @@
 )]
 
 mod check;
+mod check3;
 mod cli;
 mod dest;
+mod dest3;
 mod endpoint;
 mod error;
 mod etcd;
+mod flat;
 mod keys;
 mod listing;
 mod metrics;
 mod mirror;
+mod mirror3;
 mod pace;
 mod plan;
 mod reload;
+mod reload3;
 mod startup;
+mod v3;
 mod watch;
+mod watch3;
 
 use std::ffi::OsString;
 use std::process::ExitCode;

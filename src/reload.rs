@@ -258,7 +258,13 @@ pub fn about_state(code: u64) -> bool {
 }
 
 /// Why the mass-delete guard refuses a plan that removes `removed` of the `existing` keys.
-fn mass_delete(removed: usize, existing: usize, root: &str, dst: &str, prefix: &str) -> String {
+pub(crate) fn mass_delete(
+    removed: usize,
+    existing: usize,
+    root: &str,
+    dst: &str,
+    prefix: &str,
+) -> String {
     format!(
         "the plan deletes {removed} of the {existing} keys under {root} on \
          {dst} (more than half). This looks like the source lost most of its keys (a mass TTL \
@@ -346,7 +352,7 @@ fn list(cfg: &Config, src: &Client, dst: &Client) -> Result<Listing> {
 }
 
 /// The source's current index, without listing the subtree again.
-fn head(src: &Client, prefix: &str, prefix_is_dir: bool) -> Result<u64> {
+pub(crate) fn head(src: &Client, prefix: &str, prefix_is_dir: bool) -> Result<u64> {
     let key = if prefix_is_dir {
         join(prefix, PROBE)
     } else {

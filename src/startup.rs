@@ -4,11 +4,11 @@
 use std::io::Write;
 use std::time::Duration;
 
-use crate::cli::Config;
+use crate::cli::{Api, Config};
 use crate::endpoint::Endpoint;
 use crate::error::{Error, Result};
 use crate::etcd::{encode, Client};
-use crate::{dest, keys, metrics, mirror, reload};
+use crate::{dest, dest3, keys, metrics, mirror, mirror3, reload, reload3};
 
 /// Log to stderr; under systemd (`JOURNAL_STREAM`) with syslog priorities and no timestamps.
 /// Whatever `RUST_LOG` says, other crates log at info and above only (see `OwnDetail`).
@@ -118,26 +118,29 @@ pub fn run(cfg: &Config) -> Result<()> {
     // Bounded by the retry budget too, so that an unreachable side is not waited on longer
     // here than the client would retry it.
     let probe_timeout = cfg.retry_timeout.min(Duration::from_secs(10));
-    check_access(
-        &cfg.src,
-        "source",
-        "src",
-        &cfg.keys.src_prefix,
-        probe_timeout,
-    )?;
-    check_access(
-        &cfg.dst,
-        "destination",
-        "dst",
-        &cfg.keys.index_key(),
-        probe_timeout,
-    )?;
+    // A v3 side's credentials are checked by its first request (a token is needed first).
+    if cfg.src_api == Api::V2 {
+        check_access(
+            &cfg.src,
+            "source",
+            "src",
+            &cfg.keys.src_prefix,
+            probe_timeout,
+        )?;
+    }
+    if cfg.dst_api == Api::V2 {
+        check_access(
+            &cfg.dst,
+            "destination",
+            "dst",
+            &cfg.keys.index_key(),
+            probe_timeout,
+        )?;
+    }
     let (src, dst) = clients(cfg, cfg.retry_timeout, probe_timeout)?;
-    if cfg.keys.feeds_itself() {
-        let (s, d) = (
-            src.get("/", false)?.cluster_id,
-            dst.get("/", false)?.cluster_id,
-        );
+    // The v2 and v3 stores of one cluster are apart: only the same API can feed itself.
+    if cfg.keys.feeds_itself() && cfg.src_api == cfg.dst_api {
+        let (s, d) = (cluster_id(&src)?, cluster_id(&dst)?);
         if s.is_some() && s == d {
             return Err(Error::Usage(format!(
                 "SRC and DST are the same cluster and {} lies inside or above the mirrored {}: \
@@ -147,8 +150,14 @@ pub fn run(cfg: &Config) -> Result<()> {
             )));
         }
     }
-    let index = if cfg.reload {
-        match reload::reload(cfg, &src, &dst)? {
+    // The index to replicate from, and its text as the destination holds it (a v3
+    // destination compares it byte for byte; an index written by hand may hold "42\n").
+    let (index, stored) = if cfg.reload {
+        let reloaded = match cfg.dst_api {
+            Api::V2 => reload::reload(cfg, &src, &dst)?,
+            Api::V3 => reload3::reload(cfg, &src, &dst)?,
+        };
+        match reloaded {
             Some(index) if cfg.reload_only => {
                 log::info!(
                     "replication index {index} recorded at {} on {}; exiting without \
@@ -158,21 +167,36 @@ pub fn run(cfg: &Config) -> Result<()> {
                 );
                 return Ok(());
             }
-            Some(index) => index,
+            Some(index) => (index, index.to_string().into_bytes()),
             None => return Ok(()),
         }
     } else {
         let key = cfg.keys.index_key();
-        let (index, _) = dest::read_index(&dst, &key)?.ok_or_else(|| {
+        let found = match cfg.dst_api {
+            Api::V2 => dest::read_index(&dst, &key)?.map(|(i, _)| (i, Vec::new())),
+            Api::V3 => dest3::read_index(&dst, &key)?,
+        };
+        let found = found.ok_or_else(|| {
             Error::Usage(format!(
                 "no replication index at {key} on {}: the destination was never loaded; run with --reload",
                 dst.name()
             ))
         })?;
         log::info!("Current index read from {key}");
-        index
+        found
     };
-    mirror::Mirror::new(cfg, &src, &dst, index).run()
+    match cfg.dst_api {
+        Api::V2 => mirror::Mirror::new(cfg, &src, &dst, index).run(),
+        Api::V3 => mirror3::run(cfg, &src, &dst, index, stored),
+    }
+}
+
+/// The cluster id a side reports (hex, as v2's `X-Etcd-Cluster-Id`).
+fn cluster_id(c: &Client) -> Result<Option<String>> {
+    match c.api() {
+        Api::V2 => Ok(c.get("/", false)?.cluster_id),
+        Api::V3 => crate::v3::cluster_id(c).map(Some),
+    }
 }
 
 /// Exit 2 at start when a side refuses the credentials (etcd's own v2 auth answers 401,
@@ -232,11 +256,18 @@ pub fn clients(cfg: &Config, budget: Duration, probe: Duration) -> Result<(Clien
     // the replication index.
     let src = Client::new(
         &cfg.src,
+        cfg.src_api,
         "source",
         &keys::join(&cfg.keys.src_prefix, "_etcdmirror_member_check"),
         budget,
     );
-    let dst = Client::new(&cfg.dst, "destination", &cfg.keys.index_key(), budget);
+    let dst = Client::new(
+        &cfg.dst,
+        cfg.dst_api,
+        "destination",
+        &cfg.keys.index_key(),
+        budget,
+    );
     // A member that does not answer this soon is checked when the mirror moves to it.
     let survey_timeout = probe.min(Duration::from_secs(3));
     src.survey(survey_timeout)?;

@@ -525,6 +525,7 @@ fn deps_script_names_the_command_or_installs() {
     link(Path::new(text(&python.stdout).trim()), "python3");
     for (tool, package) in [
         ("etcd", "etcd-server"),
+        ("etcdctl", "etcd-client"),
         ("make", "make"),
         ("systemd-analyze", "systemd"),
         ("man", "man-db"),

@@ -1,0 +1,114 @@
+//! The replication loop into a v3 destination: take what the source delivers (a v2 event
+//! or a v3 revision), plan it as key changes, write them with the index in one transaction.
+
+use std::time::Instant;
+
+use log::{debug, info};
+
+use crate::cli::{Api, Config};
+use crate::dest3::Dest3;
+use crate::error::Result;
+use crate::etcd::Client;
+use crate::flat::{self, Batch};
+use crate::metrics;
+use crate::pace::Recorder;
+use crate::watch::{self, Watch};
+use crate::watch3::{self, Watch3};
+
+/// Where batches come from: a v2 source's events or a v3 source's revisions.
+// One value for the whole run: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Feed<'a> {
+    V2(Watch<'a>),
+    V3(Watch3<'a>),
+}
+
+/// What the feed gave: a batch to apply, or a proof that nothing changed up to an index.
+enum Arrival {
+    Batch(Batch),
+    Quiet(u64),
+}
+
+impl Feed<'_> {
+    fn next(&mut self, index: u64, cfg: &Config) -> Result<Arrival> {
+        Ok(match self {
+            Feed::V2(w) => match w.next(index)? {
+                watch::Arrival::Event(ev) => Arrival::Batch(flat::from_v2(&ev, &cfg.keys)),
+                watch::Arrival::Quiet(x) => Arrival::Quiet(x),
+            },
+            Feed::V3(w) => match w.next(index)? {
+                watch3::Arrival::Revision(rev, events) => {
+                    Arrival::Batch(flat::from_v3(rev, &events, &cfg.keys))
+                }
+                watch3::Arrival::Quiet(x) => Arrival::Quiet(x),
+            },
+        })
+    }
+}
+
+/// Replicate from `index` until an error stops us.
+/// `stored` is the index key's value as the destination holds it.
+pub fn run(cfg: &Config, src: &Client, dst: &Client, index: u64, stored: Vec<u8>) -> Result<()> {
+    info!("Starting replication into v3 at {index}");
+    metrics::update(|s| s.replicated_index = index);
+    let mut dest = Dest3::new(dst, &cfg.keys.index_key(), index, stored);
+    let mut feed = match cfg.src_api {
+        Api::V2 => Feed::V2(Watch::new(src, &cfg.keys.src_prefix, cfg.watch_timeout)),
+        Api::V3 => {
+            let (from, to) = flat::src_range(&cfg.keys);
+            Feed::V3(Watch3::new(src, from, to, cfg.watch_timeout))
+        }
+    };
+    let mut index = index;
+    let mut recorder = Recorder::new(index, Instant::now());
+    loop {
+        match feed.next(index, cfg)? {
+            Arrival::Batch(b) if b.is_empty() => {
+                debug!("index {}: nothing under the prefix", b.index);
+                index = index.max(b.index);
+            }
+            Arrival::Batch(b) => {
+                info!(
+                    "Replicating {} at index {} ({}: {} keys{})",
+                    b.source,
+                    b.index,
+                    b.action,
+                    b.changes.len(),
+                    if b.clear.is_empty() {
+                        ""
+                    } else {
+                        ", and a range delete"
+                    }
+                );
+                let started = Instant::now();
+                dest.apply(&b)?;
+                index = index.max(b.index);
+                recorder.recorded(index, Instant::now());
+                metrics::update(|s| {
+                    s.observe_write(started.elapsed());
+                    let n = s.events_by_action.entry(b.action.clone()).or_default();
+                    *n = n.saturating_add(1);
+                });
+            }
+            Arrival::Quiet(x) => {
+                if x > index {
+                    debug!("no event under the watched range up to {x}");
+                    index = x;
+                }
+            }
+        }
+        if recorder.due(index, false, Instant::now()) {
+            dest.record(index)?;
+            recorder.recorded(index, Instant::now());
+            debug!("recorded index {index} without an event");
+            metrics::update(|s| s.idle_advances = s.idle_advances.saturating_add(1));
+        }
+        // What /lag shows: everything up to here is applied; an index without an event is
+        // stored at most a second or 100 events later.
+        metrics::update(|s| {
+            s.replicated_index = index;
+            s.source_index = s.source_index.max(index);
+            s.last_watch = Some(Instant::now());
+        });
+    }
+}
