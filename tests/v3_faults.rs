@@ -305,6 +305,8 @@ fn sigkills(mode: Mode) {
     let max_lag = AtomicU64::new(0);
     let mut kills = 0;
     let mut progressed = 0;
+    // Runs that found a write of theirs, or a cut batch, already applied.
+    let mut recognised = 0;
     let t0 = Instant::now();
     std::thread::scope(|scope| {
         let (s, events, writer_done, max_lag) = (&s, &events, &writer_done, &max_lag);
@@ -365,6 +367,9 @@ fn sigkills(mode: Mode) {
                 std::thread::sleep(Duration::from_millis(5));
             }
             let code = m.kill();
+            if m.stderr().contains("already hold") {
+                recognised += 1;
+            }
             assert_eq!(
                 code,
                 KILLED,
@@ -392,8 +397,8 @@ fn sigkills(mode: Mode) {
     });
     let n = events.load(Ordering::Relaxed);
     println!(
-        "{mode:?}: {n} source events, {kills} SIGKILLs ({progressed} after some progress) in \
-         {:.1} s, max lag {}",
+        "{mode:?}: {n} source events, {kills} SIGKILLs ({progressed} after some progress, \
+         {recognised} found writes already applied) in {:.1} s, max lag {}",
         t0.elapsed().as_secs_f64(),
         max_lag.load(Ordering::Relaxed)
     );
@@ -494,6 +499,12 @@ fn lost_answers(mode: Mode) {
         0,
         "no answer was dropped: the test proves nothing"
     );
+    let log = m.stderr();
+    assert!(
+        log.matches("already hold").count() >= 2,
+        "the mirror did not say twice that it found its write already applied:\n{}",
+        tail(&log, 30)
+    );
 }
 
 #[test]
@@ -536,6 +547,109 @@ fn v3_to_v3_a_txn_answer_that_never_comes_is_waited_out() {
         proxy.faults().drop_responses,
         0,
         "no answer was dropped: the test proves nothing"
+    );
+}
+
+/// The keys of the replica below `SUB` + `rel` (a count).
+fn replica_count(s: &Setup, rel: &str) -> usize {
+    s.d3.range_bytes(format!("{SUB}{rel}").as_bytes()).len()
+}
+
+/// Hold back the answer to the next destination transaction, make `revision` on the source
+/// (one revision of more keys than one transaction takes), wait until the first chunk has
+/// landed (some of the keys below `rel` changed, the index not moved), SIGKILL the mirror and
+/// start it again: it accepts the keys already at their new state and writes the rest.
+fn cut_between_chunks(
+    s: &Setup,
+    m: &mut Mirror,
+    proxy: &Proxy,
+    rel: &str,
+    changed: impl Fn(usize) -> bool,
+    revision: impl FnOnce(),
+) {
+    let before = s.stored();
+    proxy.set(Faults {
+        drop_responses: 1,
+        drop_matching: "POST /v3/kv/txn".into(),
+        ..Faults::default()
+    });
+    revision();
+    let mut n = 0;
+    m.wait_for(
+        Duration::from_secs(30),
+        &format!("the first chunk of the revision under {rel} to land"),
+        || {
+            n = replica_count(s, rel);
+            proxy.faults().drop_responses == 0 && changed(n)
+        },
+    );
+    assert_eq!(
+        s.stored(),
+        before,
+        "the index moved with the first chunk ({n} keys under {rel})"
+    );
+    println!("{n} keys under {rel} after the first chunk");
+    assert_eq!(m.kill(), KILLED, "{}", tail(&m.stderr(), 30));
+    proxy.set(Faults::default());
+    *m = s.mirror(&["-d"], &proxy.url());
+    s.synced(
+        m,
+        Duration::from_secs(30),
+        &format!("the cut revision under {rel}"),
+    );
+    let log = m.stderr();
+    assert!(
+        log.contains("already hold"),
+        "the restart did not say it found part of the revision applied:\n{}",
+        tail(&log, 30)
+    );
+}
+
+/// One source revision of 300 deletes (a range delete), then one of 120 puts (a txn), each
+/// larger than one destination transaction: the mirror SIGKILLed after the first chunk of
+/// each landed resumes the revision on restart, and the trees end equal.
+#[test]
+fn v3_to_v3_a_kill_between_the_chunks_of_a_large_revision_is_resumed() {
+    let s = Setup::start("chunks", Mode::V3ToV3);
+    s.set_index_now();
+    let proxy = Proxy::start_with(s.dst.addr(), Faults::default());
+    let mut m = s.mirror(&["-d"], &proxy.url());
+    let big: Vec<String> = (0..300).map(|i| format!("/app/big/k{i:03}")).collect();
+    for chunk in big.chunks(100) {
+        let ops: Vec<(&str, &str, &str)> = chunk.iter().map(|k| ("put", k.as_str(), "v")).collect();
+        s.s3.txn(&ops);
+    }
+    s.s3.put("/app/keep", "k");
+    s.synced(&mut m, Duration::from_secs(30), "the 300 keys");
+
+    cut_between_chunks(
+        &s,
+        &mut m,
+        &proxy,
+        "/big/",
+        |n| n > 0 && n < 300,
+        || {
+            assert_eq!(s.s3.delete_prefix("/app/big/"), 300);
+        },
+    );
+    let bulk: Vec<String> = (0..120).map(|i| format!("/app/bulk/b{i:03}")).collect();
+    cut_between_chunks(
+        &s,
+        &mut m,
+        &proxy,
+        "/bulk/",
+        |n| n > 0 && n < 120,
+        || {
+            let ops: Vec<(&str, &str, &str)> =
+                bulk.iter().map(|k| ("put", k.as_str(), "new")).collect();
+            s.s3.txn(&ops);
+        },
+    );
+    s.s3.put("/app/after", "a");
+    s.synced(
+        &mut m,
+        Duration::from_secs(30),
+        "a write after the cut revisions",
     );
 }
 
@@ -777,7 +891,7 @@ fn v3_to_v3_reload_dry_run_reload_only_and_the_mass_delete_guard() {
 /// afterwards from the stored revision makes the trees equal.
 #[test]
 fn v3_to_v3_reload_on_a_busy_source_then_the_mirror_converges() {
-    const N: usize = 3000;
+    const N: usize = 5000;
     let s = Setup::start("reload-busy", Mode::V3ToV3);
     let keys: Vec<String> = (0..N)
         .map(|i| format!("/app/d{}/k{i:04}", i % 10))
