@@ -426,7 +426,7 @@ fn v3_to_v3_sigkills_at_random_moments_then_trees_equal() {
 /// Swallow the answer to the next destination transaction, make `event` on the source, wait
 /// until the transaction has landed (the stored index reached the event), leave the mirror
 /// without an answer for a while, then close its connections: it must find its write already
-/// applied and go on.
+/// applied and go on to the next event.
 #[track_caller]
 fn lose_the_answer(s: &Setup, m: &mut Mirror, proxy: &Proxy, what: &str, event: impl FnOnce()) {
     proxy.set(Faults {
@@ -450,6 +450,9 @@ fn lose_the_answer(s: &Setup, m: &mut Mirror, proxy: &Proxy, what: &str, event: 
         ..Faults::default()
     });
     proxy.set(Faults::default());
+    // The mirror applies events in order: once this one is on the replica, the retry of the
+    // lost one is over (and cannot be the next answer dropped).
+    s.src_put("/app/marker", what);
     s.synced(m, Duration::from_secs(60), what);
 }
 
