@@ -366,7 +366,7 @@ fn alive_for(m: &mut Mirror, ms: u64, context: &str) {
     }
 }
 
-/// SIGKILL the mirror at random moments, 10 to 15 times, during 15 s of mixed writes on the
+/// SIGKILL the mirror at random moments, 10 to 15 times, during 12 s of mixed writes on the
 /// source, restarting it each time without --reload; the destination is 3 ms away each way so
 /// that kills land in the middle of transactions. The mirror never exits by itself, and at
 /// the end the trees are equal and the stored index is the source's.
@@ -387,7 +387,7 @@ fn sigkills(mode: Mode) {
     let t0 = Instant::now();
     std::thread::scope(|scope| {
         let (s, w) = (&s, &w);
-        scope.spawn(move || w.run(s, seed, 80, Duration::from_secs(15)));
+        scope.spawn(move || w.run(s, seed, 80, Duration::from_secs(12)));
         // Stops the writer when this closure ends, by a failed assertion too.
         let _abort = StopOnDrop(&w.abort);
         let mut krng = Rng::new(seed ^ 0xdead_beef);
@@ -396,7 +396,7 @@ fn sigkills(mode: Mode) {
             let delay = if krng.chance(20) {
                 krng.below(80)
             } else {
-                300 + krng.below(1200)
+                300 + krng.below(1000)
             };
             let before = s.stored();
             alive_for(&mut m, delay, &format!("after {kills} kills"));
@@ -451,7 +451,7 @@ fn v3_to_v3_sigkills_at_random_moments_then_trees_equal() {
 }
 
 /// Both sides behind proxies (1-3 ms away) whose connections are all closed at random
-/// moments, every 150-500 ms, sometimes refusing new ones for up to 100 ms, during 8 s of
+/// moments, every 150-500 ms, sometimes refusing new ones for up to 100 ms, during 6 s of
 /// mixed writes: watch streams cut in the middle of a body, transactions cut before or after
 /// they land. The mirror never exits, and the trees end equal.
 fn flaky_network(mode: Mode) {
@@ -473,7 +473,7 @@ fn flaky_network(mode: Mode) {
     let mut resets = [0u32; 2];
     std::thread::scope(|scope| {
         let (s, w) = (&s, &w);
-        scope.spawn(move || w.run(s, seed, 60, Duration::from_secs(8)));
+        scope.spawn(move || w.run(s, seed, 60, Duration::from_secs(6)));
         let _abort = StopOnDrop(&w.abort);
         let mut rng = Rng::new(seed ^ 0xf1a4);
         while !w.done() {
@@ -505,7 +505,7 @@ fn flaky_network(mode: Mode) {
         "{mode:?}: {n} source events, {} source and {} destination resets",
         resets[0], resets[1]
     );
-    assert!(n >= 200, "only {n} source events: the writer stopped early");
+    assert!(n >= 150, "only {n} source events: the writer stopped early");
     assert!(
         resets[0] >= 5 && resets[1] >= 5,
         "too few resets: {resets:?}"
