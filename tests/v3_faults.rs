@@ -995,6 +995,91 @@ fn v3_to_v3_reload_dry_run_reload_only_and_the_mass_delete_guard() {
     reload_cycle(Mode::V3ToV3);
 }
 
+/// A `--reload` SIGKILLed after part of its writes (the destination 20 ms away, so that it
+/// is slow): it removed the stale index before writing, so a plain start refuses the
+/// half-copied replica (exit 2, naming --reload), and another `--reload` finishes the job and
+/// replicates from there.
+fn reload_killed_midway(mode: Mode) {
+    const N: usize = 3000;
+    let s = Setup::start("reload-kill", mode);
+    match mode {
+        Mode::V2ToV3 => {
+            for i in 0..N {
+                s.src.set(&format!("/app/d{}/k{i:04}", i % 10), "v");
+            }
+        }
+        Mode::V3ToV3 => {
+            let keys: Vec<String> = (0..N)
+                .map(|i| format!("/app/d{}/k{i:04}", i % 10))
+                .collect();
+            for chunk in keys.chunks(100) {
+                let ops: Vec<(&str, &str, &str)> =
+                    chunk.iter().map(|k| ("put", k.as_str(), "v")).collect();
+                s.s3.txn(&ops);
+            }
+        }
+    }
+    // A few keys right, one to delete (not more than half: no --force needed), a stale index.
+    for i in 0..5 {
+        s.d3.put(&format!("{SUB}/d{}/k{i:04}", i % 10), "v");
+    }
+    s.d3.put(&format!("{SUB}/old"), "only on the replica");
+    s.d3.put(&index_key(DST), "1");
+    let slow = Proxy::start(s.dst.addr(), Duration::from_millis(20));
+    let mut m = s.mirror(&["--reload"], &slow.url());
+    let mut n = 0;
+    m.wait_for(
+        Duration::from_secs(60),
+        "the reload to write some keys",
+        || {
+            n = s.dst_tree().len();
+            n > 50
+        },
+    );
+    assert_eq!(m.kill(), KILLED);
+    let n = s.dst_tree().len();
+    println!("killed the reload with {n} of {N} keys on the replica");
+    assert!(
+        n < N,
+        "the reload finished before it could be killed: the test proves nothing"
+    );
+    assert_eq!(
+        s.stored(),
+        None,
+        "a reload killed midway left an index on a half-copied replica"
+    );
+
+    let (code, out) = s.run(&[]);
+    assert_eq!(code, 2, "a plain start after a killed reload:\n{out}");
+    assert!(
+        out.contains("--reload"),
+        "the message must name --reload:\n{out}"
+    );
+
+    let mut m = s.mirror(&["--reload"], &s.dst.url);
+    m.wait_for(
+        Duration::from_secs(60),
+        "the second reload to finish",
+        || s.stored().is_some(),
+    );
+    s.src_put("/app/after", "written after the second reload");
+    s.synced(
+        &mut m,
+        Duration::from_secs(30),
+        "a reload after a killed one",
+    );
+}
+
+#[test]
+fn v2_to_v3_a_reload_killed_midway_is_finished_by_another() {
+    reload_killed_midway(Mode::V2ToV3);
+}
+
+#[test]
+fn v3_to_v3_a_reload_killed_midway_is_finished_by_another() {
+    reload_killed_midway(Mode::V3ToV3);
+}
+
 /// `--reload-only` while a writer changes the source prefix about 200 times a second
 /// (puts, overwrites, deletes, transactions): it ends with exit 0, and a mirror started
 /// afterwards from the stored revision makes the trees equal.
