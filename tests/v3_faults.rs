@@ -1,8 +1,10 @@
-//! etcd v3 support (issue 10) under faults, on real etcd 3.4: SIGKILLs at random moments during
-//! a mixed workload (v2 to v3 and v3 to v3), transaction answers lost on the way back from the
-//! destination, a source restarted mid-stream, watch bodies held back, `--reload` (dry run,
-//! `--reload-only`, the mass-delete guard, a busy source) and `--check`. Plain replication of
-//! each event kind is tests/v3.rs's.
+//! etcd v3 support (issue 10) under faults, on real etcd 3.4, v2 to v3 and v3 to v3: SIGKILLs
+//! at random moments during a mixed workload, a kill between the chunks of a large revision,
+//! transaction answers lost on the way back from the destination (connection closed, or no
+//! answer at all), connections on both sides closed at random, a source restarted mid-stream,
+//! watch bodies held back, `--reload` (dry run, `--reload-only`, the mass-delete guard, a
+//! reload killed midway, a busy source) and `--check`. Plain replication of each event kind
+//! is tests/v3.rs's.
 
 mod common;
 
