@@ -2,10 +2,9 @@
 //! at random moments during a mixed workload, a kill between the chunks of a large revision,
 //! transaction answers lost on the way back from the destination (connection closed, or no
 //! answer at all), connections on both sides closed at random, the source (v3) and the
-//! destination restarted mid-stream,
-//! watch bodies held back, `--reload` (dry run, `--reload-only`, the mass-delete guard, a
-//! reload killed midway, a busy source) and `--check`. Plain replication of each event kind
-//! is tests/v3.rs's.
+//! destination restarted mid-stream, watch bodies held back, `--reload` (dry run,
+//! `--reload-only`, the mass-delete guard, a reload killed midway, a busy source) and
+//! `--check`. Plain replication of each event kind is tests/v3.rs's.
 
 mod common;
 
