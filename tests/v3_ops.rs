@@ -196,3 +196,50 @@ fn v3_destination_with_auth_needs_the_right_password() {
     });
     m.assert_alive("with the right password");
 }
+
+/// The v3 form of incident 2024-02-28: the prefix is quiet while the rest of the source is
+/// busy and compacted (as Kubernetes compacts every 5 minutes). The stored revision must
+/// follow the source anyway, so that a mirror killed after the compaction restarts without
+/// exit 4 and replicates the next write.
+#[test]
+fn a_quiet_prefix_keeps_its_place_across_a_compaction() {
+    let src = Etcd::start("v3-quiet-src");
+    let dst = Etcd::start("v3-quiet-dst");
+    let (s3, d3) = (V3::new(&src.url), V3::new(&dst.url));
+    put_index(&d3, s3.revision());
+    let args = [
+        "--src-api",
+        "v3",
+        "--dst-api",
+        "v3",
+        "--src-prefix",
+        "/p",
+        "--watch-timeout",
+        "5",
+    ];
+    let mut m = Mirror::start(&args, &src.url, &dst.url);
+    s3.put("/p/a", "1");
+    m.wait_for(Duration::from_secs(20), "/p/a replicated", || {
+        d3.get("/replica/p/a").is_some()
+    });
+    for i in 0..200 {
+        s3.put(&format!("/elsewhere/k{}", i % 10), &i.to_string());
+    }
+    let head = s3.revision();
+    m.wait_for(
+        Duration::from_secs(30),
+        "the stored revision follows the busy source",
+        || v3::replication_index(&d3, "/replica") == Some(head),
+    );
+    s3.compact(head);
+    m.kill();
+    let mut m = Mirror::start(&args, &src.url, &dst.url);
+    s3.put("/p/b", "2");
+    m.wait_for(
+        Duration::from_secs(20),
+        "/p/b replicated after the restart",
+        || d3.get("/replica/p/b").is_some(),
+    );
+    assert_eq!(s3.rel_range("/p/"), d3.rel_range(DST_TREE));
+    m.assert_alive("after the compaction and the restart");
+}
