@@ -582,13 +582,14 @@ fn lose_the_answer(s: &Setup, m: &mut Mirror, proxy: &Proxy, what: &str, event: 
     s.synced(m, Duration::from_secs(60), what);
 }
 
-/// Answers to destination transactions lost after they landed (a single put, then an event
-/// of several keys): the mirror recognises its own writes (no exit 3 or 5) and goes on.
+/// Answers to destination transactions lost after they landed (a single put, an event of
+/// several keys, an index moved without an event after a write outside the prefix): the
+/// mirror recognises its own writes (no exit 3 or 5) and goes on.
 fn lost_answers(mode: Mode) {
     let s = Setup::start("lost", mode);
     s.set_index_now();
     let proxy = Proxy::start_with(s.dst.addr(), Faults::default());
-    let mut m = s.mirror(&["-d"], &proxy.url());
+    let mut m = s.mirror(&["-d", "--watch-timeout", "5"], &proxy.url());
     s.src_put("/app/a0", "first");
     for k in ["x", "y", "z"] {
         s.src_put(&format!("/app/dir/{k}"), k);
@@ -616,6 +617,13 @@ fn lost_answers(mode: Mode) {
             }
         }
     });
+    lose_the_answer(
+        &s,
+        &mut m,
+        &proxy,
+        "an index moved by a quiet prefix",
+        || s.src_put("/other/o", "outside the prefix"),
+    );
     // An overwrite and a delete after the losses.
     s.src_put("/app/a1", "overwritten");
     match mode {
@@ -630,8 +638,8 @@ fn lost_answers(mode: Mode) {
     );
     let log = m.stderr();
     assert!(
-        log.matches("already hold").count() >= 2,
-        "the mirror did not say twice that it found its write already applied:\n{}",
+        log.matches("already hold").count() >= 3,
+        "the mirror did not say 3 times that it found its write already applied:\n{}",
         tail(&log, 30)
     );
 }
