@@ -17,7 +17,7 @@ mapfile -t bins < <(printf '%s\n' "$built" | sed -n 's/^ *Executable .*(\(.*\))$
 
 # The longest first, so that the two lanes end close together (times measured with
 # `make test` on 2 cores; the others take seconds).
-order='window crash v3_faults members production network reload switchover alerting'
+order='window v3_faults network crash reload mapping shapes members values faults production replication v3'
 sorted=()
 for stem in $order; do
   for b in "${bins[@]}"; do
@@ -45,7 +45,7 @@ one() {
 export -f one
 started=$(date +%s)
 printf '%s\n' "${sorted[@]}" | xargs -d '\n' -P "$jobs" -I{} bash -c 'one "$1"' _ {} || true
-failed=$(cd "$out" && ls -- *.failed 2>/dev/null | sed 's/\.failed$//' | tr '\n' ' ')
+failed=$(cd "$out" && for f in *.failed; do [ -e "$f" ] && printf '%s ' "${f%.failed}"; done; true)
 printf '\n%d test binaries in %d s, %d at a time\n' "${#sorted[@]}" "$(( $(date +%s) - started ))" "$jobs"
 if [ -n "$failed" ]; then
   echo "FAILED: $failed" >&2
