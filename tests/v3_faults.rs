@@ -1202,7 +1202,7 @@ fn v3_to_v3_reload_on_a_busy_source_then_the_mirror_converges() {
     let mut at_reload_end = 0;
     std::thread::scope(|scope| {
         let (s, stop, writes, keys) = (&s, &stop, &writes, &keys);
-        scope.spawn(move || {
+        let writer = scope.spawn(move || {
             let mut rng = Rng::new(0xb05e);
             let t0 = Instant::now();
             let mut n = 0u64;
@@ -1256,8 +1256,9 @@ fn v3_to_v3_reload_on_a_busy_source_then_the_mirror_converges() {
             writes.load(Ordering::Relaxed) >= moved
         });
         stop.store(true, Ordering::Relaxed);
-        // The writer stops within one write; then everything must match.
-        std::thread::sleep(Duration::from_millis(100));
+        wait_until(Duration::from_secs(10), "the writer to stop", || {
+            writer.is_finished()
+        });
         s.synced(&mut m, Duration::from_secs(60), "a reload on a busy source");
     });
     println!(
