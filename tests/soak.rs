@@ -408,6 +408,8 @@ impl Soak {
 #[derive(Default)]
 struct Tally {
     checkpoints: u64,
+    /// The most keys a checkpoint found equal on both sides.
+    keys_compared: usize,
     lost: Vec<String>,
     /// Checkpoints where the mirror had not caught up within the bound (not a loss).
     slow: Vec<String>,
@@ -622,6 +624,7 @@ fn checkpoint(plan: &Plan, s: &Soak, m: &mut Mirror, t: &mut Tally) {
         let (a, b) = s.trees();
         let equal = a == b;
         if stored >= head && equal {
+            t.keys_compared = t.keys_compared.max(a.len());
             break;
         }
         // Lost: the stored index passed the source's head, yet the trees differ.
@@ -803,7 +806,7 @@ fn main() {
         w.join().unwrap();
     }
     let mut summary = format!(
-        "soak ({}): {} s, {} source writes ({} failed while the source restarted), {} checkpoints, {} lost-event checkpoints, \
+        "soak ({}): {} s, {} source writes ({} failed while the source restarted), {} checkpoints (up to {} keys equal), {} lost-event checkpoints, \
          {} not caught up within 180 s, {} SIGKILLs, {} source and {} destination etcd restarts, mirror exits by code {:?}, \
          {} reloads ({} of them while the writers went on), {} exits outside the expected codes",
         api.name(),
@@ -811,6 +814,7 @@ fn main() {
         plan.writes.load(Ordering::SeqCst),
         plan.failed.load(Ordering::SeqCst),
         t.checkpoints,
+        t.keys_compared,
         t.lost.len(),
         t.slow.len(),
         t.kills,
