@@ -9,7 +9,9 @@
 #   make bench   performance harness (tests/bench.rs, release binary, own etcd servers on
 #                /dev/shm; under 10 minutes): prints a table, writes target/bench/results.json
 #   make soak    long mixed workload with faults, kills and etcd restarts (tests/soak.rs;
-#                SOAK_SECS, default 900): prints a summary, writes target/soak/summary.txt
+#                SOAK_SECS, default 900; SOAK_API v2 (default), v2v3 for a v2 source into
+#                a v3 destination, v3 for v3 to v3): prints a summary, writes
+#                target/soak/summary.txt (summary-v2v3.txt, summary-v3.txt)
 #   make vendor  copy all crates into vendor/ for an offline build
 #   make offline-check  prove `cargo build --offline --locked --release` works from vendor/
 #                with an empty CARGO_HOME (release build in a temporary target dir)
@@ -64,10 +66,12 @@ bench:
 	ETCDMIRROR_BENCH=1 $(CARGO) test --release --test bench
 
 SOAK_SECS ?= 900
+SOAK_API ?= v2
 soak:
 	bash tests/deps.sh etcd
 	$(CARGO) build --release
-	ETCDMIRROR_SOAK=1 ETCDMIRROR_SOAK_SECS=$(SOAK_SECS) $(CARGO) test --release --test soak
+	ETCDMIRROR_SOAK=1 ETCDMIRROR_SOAK_SECS=$(SOAK_SECS) ETCDMIRROR_SOAK_API=$(SOAK_API) \
+	  $(CARGO) test --release --test soak
 
 demo:
 	bash tests/deps.sh demo
