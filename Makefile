@@ -7,7 +7,9 @@
 #                command to run; `test`, `demo`, `bench` and `soak` check it first
 #   make lint    rustfmt + clippy, warnings are errors
 #   make bench   performance harness (tests/bench.rs, release binary, own etcd servers on
-#                /dev/shm; under 10 minutes): prints a table, writes target/bench/results.json
+#                /dev/shm; about 11 minutes, of which about 2 for the v3 destination;
+#                ETCDMIRROR_BENCH_ONLY=v3 runs only those): prints a table, writes
+#                target/bench/results.json
 #   make soak    long mixed workload with faults, kills and etcd restarts (tests/soak.rs;
 #                SOAK_SECS, default 900): prints a summary, writes target/soak/summary.txt
 #   make vendor  copy all crates into vendor/ for an offline build
