@@ -7,7 +7,9 @@
 #                command to run; `test`, `demo`, `bench` and `soak` check it first
 #   make lint    rustfmt + clippy, warnings are errors
 #   make bench   performance harness (tests/bench.rs, release binary, own etcd servers on
-#                /dev/shm; under 10 minutes): prints a table, writes target/bench/results.json
+#                /dev/shm; about 11 minutes, of which about 2 for the v3 destination;
+#                ETCDMIRROR_BENCH_ONLY=v3 runs only those): prints a table, writes
+#                target/bench/results.json
 #   make soak    long mixed workload with faults, kills and etcd restarts (tests/soak.rs;
 #                SOAK_SECS, default 900; SOAK_API v2 (default), v2v3 for a v2 source into
 #                a v3 destination, v3 for v3 to v3): prints a summary, writes

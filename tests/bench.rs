@@ -1,4 +1,4 @@
-//! `make bench`: the performance harness of issue 4.
+//! `make bench`: the performance harness of issues 4 and 10.
 //!
 //! A test target with `harness = false` that does nothing unless `ETCDMIRROR_BENCH=1` is set
 //! (so `cargo test --all-targets` stays fast). `make bench` builds the release binary and runs
@@ -9,29 +9,41 @@
 //! Measurements (see the issue for why): the ceiling `raw_put_per_s`; catch-up from the history;
 //! sustained rates; replication delay; the same three with the source behind a 15 ms-per-direction
 //! TCP proxy; background noise outside the prefix; `--reload` of 100,000 keys; cost (memory, CPU,
-//! requests while idle). Knobs (environment, all optional): `ETCDMIRROR_BENCH_RATES`
-//! (comma-separated writes/s, default 100,300,1000,2000,3000,4000), `ETCDMIRROR_BENCH_STEP_SECS` (8),
+//! requests while idle). Into a v3 destination (issue 10), v3 to v3 and v2 to v3 on the same
+//! servers' v3 stores: the ceiling `raw_txn_v3_per_s` (serial transactions shaped as the mirror
+//! writes an event), catch-up, the highest sustained rate (probes in steps of 0.1 x the ceiling,
+//! the best held for 20 s) with where the time went (CPU per process, destination requests per
+//! event, the mirror's time in writes), and the delay at 100 writes/s.
+//!
+//! Knobs (environment, all optional): `ETCDMIRROR_BENCH_ONLY` (comma-separated sections:
+//! loopback, distance, far, reload, v3v3, v2v3; `v2` = the first four, `v3` = the last two;
+//! default all; `raw_put` always runs), `ETCDMIRROR_BENCH_RATES` (comma-separated writes/s,
+//! default 100,300,1000,2000,3000,4000), `ETCDMIRROR_BENCH_STEP_SECS` (8),
 //! `ETCDMIRROR_BENCH_NOISE_SECS` (60), `ETCDMIRROR_BENCH_DELAY10_SAMPLES` (200),
-//! `ETCDMIRROR_BENCH_RELOAD_KEYS` (100000), `ETCDMIRROR_BENCH_KEEP_LOGS` (a directory: keep every
-//! mirror's stderr there; `RUST_LOG`, e.g. `etcdmirror=debug`, reaches the mirror).
+//! `ETCDMIRROR_BENCH_RELOAD_KEYS` (100000), `ETCDMIRROR_BENCH_V3_CEILING_SECS` (5),
+//! `ETCDMIRROR_BENCH_V3_CATCHUP` (5000 revisions), `ETCDMIRROR_BENCH_V3_START` (0.8 x the
+//! ceiling), `ETCDMIRROR_BENCH_V3_PROBE_SECS` (5), `ETCDMIRROR_BENCH_V3_HOLD_SECS` (20),
+//! `ETCDMIRROR_BENCH_KEEP_LOGS` (a directory: keep every mirror's stderr there; `RUST_LOG`,
+//! e.g. `etcdmirror=debug`, reaches the mirror).
 
 mod common;
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use common::proxy::Proxy;
-use common::{replication_index, status_code, tail, Client, Etcd, Scratch};
+use common::v3::{b64, prefix_end, unb64, V3};
+use common::{index_key, replication_index, status_code, tail, Client, Etcd, Scratch};
 
 const SRC_PREFIX: &str = "/bench";
 const DST_PREFIX: &str = "/replica";
@@ -185,6 +197,13 @@ impl Proc {
     fn cpu(&self) -> Option<u64> {
         cpu_ticks(self.pid())
     }
+
+    /// Where the mirror serves /metrics, from its log (the v3 runs give it a loopback port).
+    fn metrics_url(&self) -> Option<String> {
+        let log = self.stderr();
+        let rest = log.split("serving /metrics and /lag on ").nth(1)?;
+        Some(rest.split_whitespace().next()?.to_string())
+    }
 }
 
 impl Drop for Proc {
@@ -227,6 +246,26 @@ fn rate_write(
     log: &WriteLog,
     done: Option<&(dyn Fn(u64, Instant) + Sync)>,
 ) -> (u64, f64) {
+    rate_run(rate, dur, threads, &|i| v2_put(c, &key(i), i), log, done)
+}
+
+/// A v2 PUT of `v{i}` at `key` by a writer; the source index it made.
+fn v2_put(c: &Client, key: &str, i: u64) -> u64 {
+    let r = c.put(key, &[("value", &format!("v{i}"))]);
+    assert!(r.ok(), "writer PUT failed: {} {}", r.status, r.body);
+    r.modified_index().max(r.index)
+}
+
+/// The open-loop writer of `rate_write` with any write: `put(i)` writes ticket i and returns
+/// the source index (v2) or revision (v3) it made.
+fn rate_run(
+    rate: f64,
+    dur: Duration,
+    threads: usize,
+    put: &(dyn Fn(u64) -> u64 + Sync),
+    log: &WriteLog,
+    done: Option<&(dyn Fn(u64, Instant) + Sync)>,
+) -> (u64, f64) {
     let next = AtomicU64::new(0);
     let count = AtomicU64::new(0);
     let start = Instant::now();
@@ -246,11 +285,9 @@ fn rate_write(
                 if due > now {
                     thread::sleep(due - now);
                 }
-                let r = c.put(&key(i), &[("value", &format!("v{i}"))]);
+                let index = put(i);
                 let t = Instant::now();
-                assert!(r.ok(), "writer PUT failed: {} {}", r.status, r.body);
-                log.last_index
-                    .fetch_max(r.modified_index().max(r.index), Ordering::SeqCst);
+                log.last_index.fetch_max(index, Ordering::SeqCst);
                 count.fetch_add(1, Ordering::SeqCst);
                 if let Some(f) = done {
                     f(i, t);
@@ -269,6 +306,20 @@ fn burst_write(
     key: &(dyn Fn(u64) -> String + Sync),
     log: &WriteLog,
 ) -> f64 {
+    burst_run(
+        n,
+        threads,
+        &|i| {
+            let r = c.put(&key(i), &[("value", &format!("value-{i}"))]);
+            assert!(r.ok(), "writer PUT failed: {} {}", r.status, r.body);
+            r.modified_index().max(r.index)
+        },
+        log,
+    )
+}
+
+/// `burst_write` with any write: `put(i)` returns the source index or revision it made.
+fn burst_run(n: u64, threads: usize, put: &(dyn Fn(u64) -> u64 + Sync), log: &WriteLog) -> f64 {
     let next = AtomicU64::new(0);
     let start = Instant::now();
     thread::scope(|s| {
@@ -278,59 +329,82 @@ fn burst_write(
                 if i >= n {
                     break;
                 }
-                let r = c.put(&key(i), &[("value", &format!("value-{i}"))]);
-                assert!(r.ok(), "writer PUT failed: {} {}", r.status, r.body);
-                log.last_index
-                    .fetch_max(r.modified_index().max(r.index), Ordering::SeqCst);
+                log.last_index.fetch_max(put(i), Ordering::SeqCst);
             });
         }
     });
     start.elapsed().as_secs_f64()
 }
 
-/// Sequential keep-alive PUTs for `dur` with a hand-written HTTP/1.1 client on one connection
-/// (no URL or JSON work), so that the figure measures the destination rather than the client.
-fn minimal_puts(port: u16, dur: Duration) -> (u64, f64) {
-    let mut conn = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    conn.set_nodelay(true).unwrap();
-    let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 4096];
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed() < dur {
-        let body = format!("value=v{n}");
+/// One keep-alive HTTP/1.1 connection with no URL or JSON work: each request goes out in one
+/// write, each answer is read by its Content-Length. The ceilings use it, so that they measure
+/// the destination rather than the client.
+struct RawHttp {
+    conn: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawHttp {
+    fn connect(port: u16) -> RawHttp {
+        let conn = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        conn.set_nodelay(true).unwrap();
+        RawHttp {
+            conn,
+            buf: Vec::with_capacity(4096),
+        }
+    }
+
+    /// Send one request; the answer's head (lower case) and body. Panics unless it is 2xx.
+    fn request(&mut self, method: &str, path: &str, ctype: &str, body: &str) -> (String, &[u8]) {
         let req = format!(
-            "PUT /v2/keys/raw/m{} HTTP/1.1\r\nHost: 127.0.0.1\r\n\
-             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
-            n % 1000,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Content-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
-        conn.write_all(req.as_bytes()).unwrap();
-        buf.clear();
+        self.conn.write_all(req.as_bytes()).unwrap();
+        self.buf.clear();
+        let mut chunk = [0u8; 4096];
         // Read the head, then Content-Length bytes of body.
-        let (head_end, len) = loop {
-            let k = conn.read(&mut chunk).unwrap();
+        let (head, head_end, len) = loop {
+            let k = self.conn.read(&mut chunk).unwrap();
             assert!(k > 0, "etcd closed the connection");
-            buf.extend_from_slice(&chunk[..k]);
-            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&buf[..p]).to_ascii_lowercase();
+            self.buf.extend_from_slice(&chunk[..k]);
+            if let Some(p) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..p]).to_ascii_lowercase();
                 assert!(
                     head.starts_with("http/1.1 20"),
-                    "minimal PUT failed: {head}"
+                    "minimal {method} {path} failed: {head}"
                 );
                 let len = head
                     .lines()
                     .find_map(|l| l.strip_prefix("content-length:"))
                     .and_then(|v| v.trim().parse::<usize>().ok())
                     .expect("etcd sends Content-Length");
-                break (p + 4, len);
+                break (head, p + 4, len);
             }
         };
-        while buf.len() < head_end + len {
-            let k = conn.read(&mut chunk).unwrap();
+        while self.buf.len() < head_end + len {
+            let k = self.conn.read(&mut chunk).unwrap();
             assert!(k > 0, "etcd closed the connection");
-            buf.extend_from_slice(&chunk[..k]);
+            self.buf.extend_from_slice(&chunk[..k]);
         }
+        (head, &self.buf[head_end..head_end + len])
+    }
+}
+
+/// Sequential keep-alive PUTs for `dur` with a hand-written HTTP/1.1 client on one connection
+/// (no URL or JSON work), so that the figure measures the destination rather than the client.
+fn minimal_puts(port: u16, dur: Duration) -> (u64, f64) {
+    let mut conn = RawHttp::connect(port);
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < dur {
+        conn.request(
+            "PUT",
+            &format!("/v2/keys/raw/m{}", n % 1000),
+            "application/x-www-form-urlencoded",
+            &format!("value=v{n}"),
+        );
         n += 1;
     }
     (n, start.elapsed().as_secs_f64())
@@ -446,6 +520,48 @@ struct Bench {
     t0: Instant,
     rates: Vec<f64>,
     step: Duration,
+    /// The sections to run (`ETCDMIRROR_BENCH_ONLY`).
+    only: Vec<&'static str>,
+    /// The v3 gateways of `src` and `dst` (their v3 stores are apart from the v2 ones).
+    src3: V3,
+    dst3: V3,
+    /// The v3 ceiling: serial transactions per second into the destination alone.
+    raw_txn: f64,
+    /// Reads of the v3 index by the bench, to tell them from the mirror's requests.
+    dst_reads: AtomicU64,
+}
+
+/// Every section `ETCDMIRROR_BENCH_ONLY` can name; `v2` stands for the first four, `v3` for
+/// the last two. The v2 ceiling (`raw_put`) always runs.
+const SECTIONS: [&str; 6] = ["loopback", "distance", "far", "reload", "v3v3", "v2v3"];
+
+fn only_sections() -> Vec<&'static str> {
+    let Some(list) = std::env::var("ETCDMIRROR_BENCH_ONLY")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+    else {
+        return SECTIONS.to_vec();
+    };
+    let mut out = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let names: &[&'static str] = match name {
+            "v2" => &SECTIONS[..4],
+            "v3" => &SECTIONS[4..],
+            n => match SECTIONS.iter().find(|s| **s == n) {
+                Some(s) => std::slice::from_ref(s),
+                None => panic!(
+                    "ETCDMIRROR_BENCH_ONLY: unknown section {n:?}; known: v2, v3, {}",
+                    SECTIONS.join(", ")
+                ),
+            },
+        };
+        for n in names {
+            if !out.contains(n) {
+                out.push(*n);
+            }
+        }
+    }
+    out
 }
 
 fn locate_bin() -> PathBuf {
@@ -495,6 +611,7 @@ impl Bench {
         let t0 = Instant::now();
         let src = Etcd::start("bench-src");
         let dst = Etcd::start("bench-dst");
+        let (src3, dst3) = (V3::new(&src.url), V3::new(&dst.url));
         Bench {
             bin: copy,
             bin_origin: bin,
@@ -509,6 +626,11 @@ impl Bench {
             t0,
             rates,
             step: Duration::from_secs_f64(env_num("ETCDMIRROR_BENCH_STEP_SECS", 8.0)),
+            only: only_sections(),
+            src3,
+            dst3,
+            raw_txn: 0.0,
+            dst_reads: AtomicU64::new(0),
         }
     }
 
@@ -624,25 +746,49 @@ impl Bench {
             self.src.url, self.dst.url
         );
 
+        if self.only != SECTIONS {
+            println!(
+                "  sections (ETCDMIRROR_BENCH_ONLY): {}",
+                self.only.join(",")
+            );
+        }
+
         self.raw_put();
 
         // Loopback: the mirror talks to the source directly.
-        let loopback = Mode {
-            name: "loopback",
-            src_url: self.src.url.clone(),
-            proxy: None,
-            drain: Duration::from_secs(3),
-        };
-        self.say("starting the mirror (--reload on an empty pair)");
-        let mut m = self.start_reload(&loopback);
-        self.mode_runs(&loopback, &mut m);
-        m.stop();
-        drop(m);
+        if self.only.contains(&"loopback") {
+            let loopback = Mode {
+                name: "loopback",
+                src_url: self.src.url.clone(),
+                proxy: None,
+                drain: Duration::from_secs(3),
+            };
+            self.say("starting the mirror (--reload on an empty pair)");
+            let mut m = self.start_reload(&loopback);
+            self.mode_runs(&loopback, &mut m);
+            m.stop();
+        }
 
-        // Distance: the source behind the latency proxy.
         let upstream: SocketAddr = format!("127.0.0.1:{}", self.src.client_port)
             .parse()
             .unwrap();
+        if self.only.contains(&"distance") {
+            self.distance(upstream);
+        }
+        if self.only.contains(&"far") {
+            self.far(upstream);
+        }
+        if self.only.contains(&"reload") {
+            self.reload();
+        }
+        if self.only.contains(&"v3v3") || self.only.contains(&"v2v3") {
+            self.v3_all();
+        }
+        self.summary(&machine);
+    }
+
+    /// The source behind the 15 ms proxy: the mode runs, noise and the idle cost.
+    fn distance(&mut self, upstream: SocketAddr) {
         let proxy = Proxy::start(upstream, PROXY_DELAY);
         let distance = Mode {
             name: "distance",
@@ -661,9 +807,10 @@ impl Bench {
         self.noise(&distance, &mut m);
         self.idle_cost(&distance, &mut m);
         m.stop();
-        drop(m);
+    }
 
-        // Far: the source 60 ms away each way.
+    /// The source 60 ms away each way: the mode runs and noise.
+    fn far(&mut self, upstream: SocketAddr) {
         let far_proxy = Proxy::start(upstream, FAR_DELAY);
         let far = Mode {
             name: "far",
@@ -681,11 +828,10 @@ impl Bench {
         self.mode_runs(&far, &mut m);
         self.noise(&far, &mut m);
         m.stop();
-        drop(m);
+    }
 
-        self.reload();
-
-        // Summary.
+    /// The table of every row, the notes, and results.json.
+    fn summary(&self, machine: &Value) {
         let total = self.t0.elapsed().as_secs_f64();
         println!();
         println!(
@@ -724,6 +870,7 @@ impl Bench {
         let doc = json!({
             "machine": machine,
             "total_seconds": r1(total),
+            "sections": self.only,
             "measurements": self.results,
             "notes": self.odd,
         });
@@ -1444,6 +1591,1044 @@ impl Bench {
             "10%-different dst",
             n / step,
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A v3 destination (issue 10): v3 to v3 and v2 to v3
+
+/// Which API the source of a v3-destination run speaks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SrcApi {
+    V2,
+    V3,
+}
+
+/// One v3-destination combination. Every start from scratch moves to a fresh source prefix
+/// (empty on both sides) and puts the index at the source's head by hand, which stands in
+/// for `--reload` (not wired for a v3 destination on every branch yet).
+struct V3Mode {
+    /// "v3-to-v3" or "v2-to-v3".
+    name: &'static str,
+    src_api: SrcApi,
+    /// The prefixes used are `/<base>-<generation>`.
+    base: &'static str,
+    generation: u32,
+    /// The source prefix in use.
+    prefix: String,
+}
+
+/// The CPU time of every process of a run and the destination's request counters at one
+/// instant: where a run's time went.
+struct Usage {
+    at: Instant,
+    /// The replication index on the destination.
+    index: u64,
+    mirror: Option<u64>,
+    dst: Option<u64>,
+    src: Option<u64>,
+    bench: Option<u64>,
+    /// The destination's gRPC requests by method (the JSON gateway's included).
+    grpc: HashMap<String, u64>,
+    /// Reads of the index by the bench itself, to subtract from the destination's ranges.
+    own_reads: u64,
+    /// The mirror's own time in destination writes: (seconds, writes), from its /metrics.
+    writes: Option<(f64, u64)>,
+    /// The whole machine's CPU: (busy, total) clock ticks summed over all cores.
+    machine: Option<(u64, u64)>,
+}
+
+/// The machine's CPU from /proc/stat: (busy, total) ticks over all cores; busy is all but
+/// idle and iowait.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let s = fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = s
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = f.iter().sum();
+    let idle = f.get(3)? + f.get(4)?;
+    Some((total - idle, total))
+}
+
+/// The mirror's `etcdmirror_write_latency` sum and count from its metrics endpoint.
+fn mirror_writes(url: &str) -> Option<(f64, u64)> {
+    let text = ureq::get(format!("{url}/metrics"))
+        .call()
+        .ok()?
+        .body_mut()
+        .read_to_string()
+        .ok()?;
+    let value = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    Some((
+        value("etcdmirror_write_latency_sum")?,
+        value("etcdmirror_write_latency_count")? as u64,
+    ))
+}
+
+/// The destination's `grpc_server_handled_total` by method, from its /metrics.
+fn grpc_counts(base: &str) -> HashMap<String, u64> {
+    let text = ureq::get(format!("{base}/metrics"))
+        .call()
+        .ok()
+        .and_then(|mut r| r.body_mut().read_to_string().ok())
+        .unwrap_or_default();
+    let mut out = HashMap::new();
+    for l in text
+        .lines()
+        .filter(|l| l.starts_with("grpc_server_handled_total{"))
+    {
+        let method = l
+            .split("grpc_method=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next());
+        let n = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        if let (Some(m), Some(n)) = (method, n) {
+            *out.entry(m.to_string()).or_insert(0) += n as u64;
+        }
+    }
+    out
+}
+
+/// A v3 watch on the destination's keys under `prefix`, from now, in its own thread: records
+/// the arrival instant of every key (by name), signals `created` once the watch is in place,
+/// and ends after the first message that arrives once `stop` is set (or after `limit`).
+fn dst3_watcher(
+    base: String,
+    prefix: String,
+    stop: Arc<AtomicBool>,
+    arrivals: Arc<Mutex<HashMap<String, Instant>>>,
+    created: mpsc::Sender<()>,
+    limit: Duration,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let agent = ureq::Agent::new_with_config(
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(limit))
+                .build(),
+        );
+        let body = json!({"create_request": {
+            "key": b64(prefix.as_bytes()),
+            "range_end": b64(&prefix_end(prefix.as_bytes())),
+        }});
+        let resp = match agent
+            .post(format!("{base}/v3/watch"))
+            .send(body.to_string())
+        {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("bench: the destination watch failed: {e}");
+                return;
+            }
+        };
+        let mut reader = std::io::BufReader::new(resp.into_body().into_reader());
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let t = Instant::now();
+            let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+                continue;
+            };
+            let r = &v["result"];
+            if r["created"] == json!(true) {
+                let _ = created.send(());
+            }
+            if let Some(events) = r["events"].as_array() {
+                let mut a = arrivals.lock().unwrap();
+                for ev in events {
+                    if let Some(k) = ev["kv"]["key"].as_str() {
+                        a.entry(String::from_utf8_lossy(&unb64(k)).into_owned())
+                            .or_insert(t);
+                    }
+                }
+            }
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+    })
+}
+
+/// The client of the v3 ceiling: one raw keep-alive connection, 1000 keys whose values it
+/// knows, and an index; each transaction is shaped as the mirror writes an event.
+struct TxnCeiling {
+    h: RawHttp,
+    /// The index key, the keys and their current values, base64.
+    index: String,
+    keys: Vec<String>,
+    values: Vec<String>,
+    /// The index value the destination holds.
+    idx: u64,
+    /// Transactions sent so far (the next key is `next % 1000`).
+    next: usize,
+}
+
+impl TxnCeiling {
+    /// Connect and put the 1000 keys and the index, so that every transaction compares values.
+    fn new(port: u16) -> TxnCeiling {
+        let mut h = RawHttp::connect(port);
+        let index = b64(b"/__replication/raw3");
+        let keys: Vec<String> = (0..1000)
+            .map(|k| b64(format!("/raw3/k{k}").as_bytes()))
+            .collect();
+        let values = vec![b64(b"init"); keys.len()];
+        for (k, v) in keys.iter().zip(&values) {
+            h.request(
+                "POST",
+                "/v3/kv/put",
+                "application/json",
+                &format!(r#"{{"key":"{k}","value":"{v}"}}"#),
+            );
+        }
+        h.request(
+            "POST",
+            "/v3/kv/put",
+            "application/json",
+            &format!(r#"{{"key":"{index}","value":"{}"}}"#, b64(b"0")),
+        );
+        TxnCeiling {
+            h,
+            index,
+            keys,
+            values,
+            idx: 0,
+            next: 0,
+        }
+    }
+
+    /// Transactions one after the other for `secs`: (count, seconds).
+    fn run(&mut self, secs: f64) -> (u64, f64) {
+        const SUCCEEDED: &[u8] = b"\"succeeded\":true";
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed().as_secs_f64() < secs {
+            let k = self.next % self.keys.len();
+            let (index, key, old) = (&self.index, &self.keys[k], &self.values[k]);
+            let idx = b64(self.idx.to_string().as_bytes());
+            let new = b64(format!("v{}", self.next).as_bytes());
+            let new_idx = b64((self.idx + 1).to_string().as_bytes());
+            let body = format!(
+                r#"{{"compare":[{{"key":"{index}","target":"VALUE","result":"EQUAL","value":"{idx}"}},{{"key":"{key}","target":"VALUE","result":"EQUAL","value":"{old}"}}],"success":[{{"request_put":{{"key":"{key}","value":"{new}"}}}},{{"request_put":{{"key":"{index}","value":"{new_idx}"}}}}],"failure":[{{"request_range":{{"key":"{index}"}}}},{{"request_range":{{"key":"{key}"}}}}]}}"#
+            );
+            let (_, answer) = self
+                .h
+                .request("POST", "/v3/kv/txn", "application/json", &body);
+            assert!(
+                answer.windows(SUCCEEDED.len()).any(|w| w == SUCCEEDED),
+                "ceiling txn failed: {}",
+                String::from_utf8_lossy(answer)
+            );
+            self.values[k] = new;
+            self.idx += 1;
+            self.next += 1;
+            n += 1;
+        }
+        (n, start.elapsed().as_secs_f64())
+    }
+}
+
+impl Bench {
+    /// The replication index on the v3 destination, 0 when absent.
+    fn v3_index(&self) -> u64 {
+        self.dst_reads.fetch_add(1, Ordering::SeqCst);
+        common::v3::replication_index(&self.dst3, DST_PREFIX).unwrap_or(0)
+    }
+
+    /// The source's head: its revision (v3) or X-Etcd-Index (v2).
+    fn v3_head(&self, mode: &V3Mode) -> u64 {
+        match mode.src_api {
+            SrcApi::V3 => self.src3.revision(),
+            SrcApi::V2 => head(&self.src),
+        }
+    }
+
+    /// A writer's source write of `v{i}` at `key`: a v3 put or a v2 PUT; the revision or
+    /// index it made.
+    fn v3_src_put(&self, mode: &V3Mode, key: &str, i: u64) -> u64 {
+        match mode.src_api {
+            SrcApi::V3 => self.src3.put(key, &format!("v{i}")),
+            SrcApi::V2 => v2_put(&self.src.client, key, i),
+        }
+    }
+
+    /// Start the mirror on the index stored on the destination, serving /metrics on
+    /// loopback (its write latencies are part of the profile).
+    fn v3_spawn(&self, mode: &V3Mode) -> Proc {
+        let port = common::free_port().to_string();
+        let mut a: Vec<String> = [
+            "--port",
+            &port,
+            "--listen",
+            "127.0.0.1",
+            "--src-prefix",
+            &mode.prefix,
+            "--dst-prefix",
+            DST_PREFIX,
+            "--dst-api",
+            "v3",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if mode.src_api == SrcApi::V3 {
+            a.extend(["--src-api".to_string(), "v3".to_string()]);
+        }
+        a.push(self.src.url.clone());
+        a.push(self.dst.url.clone());
+        Proc::spawn(&self.bin, &a)
+    }
+
+    /// Move to a fresh prefix (nothing under it on either side), put the index at the source's
+    /// head and start the mirror. The previous mirror must be stopped.
+    fn v3_fresh(&self, mode: &mut V3Mode) -> Proc {
+        mode.generation += 1;
+        mode.prefix = format!("/{}-{}", mode.base, mode.generation);
+        let head = self.v3_head(mode);
+        self.dst3.put(&index_key(DST_PREFIX), &head.to_string());
+        let mut m = self.v3_spawn(mode);
+        if let Err(e) = m.wait_log(Duration::from_secs(30), "Starting replication into v3 at") {
+            panic!("bench: the {} mirror did not start: {e}", mode.name);
+        }
+        m
+    }
+
+    /// Wait until the v3 destination's index reaches `target`, or the mirror exits, or
+    /// `timeout`. Returns the time taken when reached.
+    fn v3_wait(&self, m: &mut Proc, target: u64, timeout: Duration) -> Option<f64> {
+        let start = Instant::now();
+        loop {
+            if self.v3_index() >= target {
+                return Some(start.elapsed().as_secs_f64());
+            }
+            if !m.alive() || start.elapsed() > timeout {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Start again from scratch if the mirror exited (recording why) or `force` is set.
+    fn v3_revive(&mut self, mode: &mut V3Mode, m: &mut Proc, what: &str, force: bool) -> Value {
+        if let Some(code) = m.exited() {
+            let t = log_tail(&m.stderr());
+            self.odd.push(format!(
+                "{} {what}: etcdmirror exited with code {code}; stderr tail:\n{}",
+                mode.name,
+                indent(&t)
+            ));
+            *m = self.v3_fresh(mode);
+            return json!({"exit_code": code, "stderr_tail": t, "restarted_on_a_fresh_prefix": true});
+        }
+        if force {
+            m.stop();
+            *m = self.v3_fresh(mode);
+            return json!({"exit_code": null, "restarted_on_a_fresh_prefix": true,
+                          "why": "still behind after the drain time"});
+        }
+        Value::Null
+    }
+
+    /// The counters now; `m` is the running mirror, if any.
+    fn usage(&self, m: Option<&Proc>) -> Usage {
+        Usage {
+            at: Instant::now(),
+            index: if m.is_some() { self.v3_index() } else { 0 },
+            mirror: m.and_then(Proc::cpu),
+            writes: m
+                .and_then(Proc::metrics_url)
+                .and_then(|u| mirror_writes(&u)),
+            machine: machine_ticks(),
+            dst: cpu_ticks(self.dst.pid()),
+            src: cpu_ticks(self.src.pid()),
+            bench: cpu_ticks(std::process::id()),
+            grpc: grpc_counts(&self.dst.url),
+            own_reads: self.dst_reads.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Between two `Usage`s: the events applied, the CPU each process used (in cores: 1.0 is
+    /// one core busy all the time) and the destination requests per applied event.
+    fn usage_json(&self, a: &Usage, b: &Usage) -> Value {
+        let wall = (b.at - a.at).as_secs_f64();
+        let events = b.index.saturating_sub(a.index);
+        let cores = |x: Option<u64>, y: Option<u64>| match (x, y) {
+            (Some(x), Some(y)) => Some(r3(y.saturating_sub(x) as f64 / self.tck / wall)),
+            _ => None,
+        };
+        let diff = |m: &str| {
+            b.grpc
+                .get(m)
+                .copied()
+                .unwrap_or(0)
+                .saturating_sub(a.grpc.get(m).copied().unwrap_or(0))
+        };
+        // The bench's own index reads are ranges too (the lag sampler and these snapshots).
+        let ranges = diff("Range").saturating_sub(b.own_reads - a.own_reads);
+        let per_event = |n: u64| (events > 0).then(|| r3(n as f64 / events as f64));
+        let txns = diff("Txn");
+        let dst_ms_per_txn = match (a.dst, b.dst) {
+            (Some(x), Some(y)) if txns > 0 => Some(r3(y.saturating_sub(x) as f64 / self.tck
+                * 1000.0
+                / txns as f64)),
+            _ => None,
+        };
+        let machine = match (a.machine, b.machine) {
+            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+                let n = thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+                Some(r3((b1 - b0) as f64 / (t1 - t0) as f64 * n))
+            }
+            _ => None,
+        };
+        let ours: Option<f64> = [
+            cores(a.mirror, b.mirror).or(Some(0.0)),
+            cores(a.dst, b.dst),
+            cores(a.src, b.src),
+            cores(a.bench, b.bench),
+        ]
+        .into_iter()
+        .sum();
+        let (write_ms, in_writes) = match (a.writes, b.writes) {
+            (Some((s0, c0)), Some((s1, c1))) if c1 > c0 => (
+                Some(r3((s1 - s0) * 1000.0 / (c1 - c0) as f64)),
+                Some(r3((s1 - s0) / wall)),
+            ),
+            _ => (None, None),
+        };
+        let mirror_cpu_ms = match (a.mirror, b.mirror) {
+            (Some(x), Some(y)) if events > 0 => Some(r3(y.saturating_sub(x) as f64 / self.tck
+                * 1000.0
+                / events as f64)),
+            _ => None,
+        };
+        json!({
+            "seconds": r3(wall),
+            "events_applied": events,
+            "events_applied_per_s": r1(events as f64 / wall),
+            "cpu_cores": {
+                "mirror": cores(a.mirror, b.mirror),
+                "dst_etcd": cores(a.dst, b.dst),
+                "src_etcd": cores(a.src, b.src),
+                "bench_writer_and_probes": cores(a.bench, b.bench),
+            },
+            "machine_busy_cores": machine,
+            "other_processes_cores": machine.zip(ours).map(|(m, o)| r3(m - o)),
+            "mirror_cpu_ms_per_event": mirror_cpu_ms,
+            "mirror_write_ms_mean": write_ms,
+            "mirror_share_of_time_in_dst_writes": in_writes,
+            "dst_etcd_cpu_ms_per_txn": dst_ms_per_txn,
+            "dst_requests_per_event": {
+                "Txn": per_event(diff("Txn")),
+                "Range": per_event(ranges),
+                "Put": per_event(diff("Put")),
+                "DeleteRange": per_event(diff("DeleteRange")),
+            },
+            "dst_index_reads_by_bench": b.own_reads - a.own_reads,
+            "method": "utime+stime from /proc over the writer's run (machine: /proc/stat, \
+                       other processes = machine - ours); the destination's \
+                       grpc_server_handled_total by method (the JSON gateway forwards to gRPC), \
+                       minus the bench's own index reads; the mirror's write time from its \
+                       etcdmirror_write_latency sum and count",
+        })
+    }
+
+    /// A short description of `usage_json` for a table note.
+    fn usage_note(p: &Value) -> String {
+        let c = &p["cpu_cores"];
+        let f = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.2}"));
+        format!(
+            "cores: mirror {}, dst etcd {}, src etcd {}, writer {}, others {}; dst txn/event {}, \
+             {} ms dst CPU/txn; mirror in writes {} of the time, {} ms each",
+            f(&c["mirror"]),
+            f(&c["dst_etcd"]),
+            f(&c["src_etcd"]),
+            f(&c["bench_writer_and_probes"]),
+            f(&p["other_processes_cores"]),
+            f(&p["dst_requests_per_event"]["Txn"]),
+            f(&p["dst_etcd_cpu_ms_per_txn"]),
+            f(&p["mirror_share_of_time_in_dst_writes"]),
+            f(&p["mirror_write_ms_mean"]),
+        )
+    }
+
+    /// Every v3 section: the v3 ceiling, then v3 to v3 and v2 to v3.
+    fn v3_all(&mut self) {
+        self.row(
+            "--- v3 destination (x = ratio to raw_txn_v3)",
+            String::new(),
+            None,
+            String::new(),
+        );
+        self.raw_txn_v3();
+        let modes = [
+            ("v3v3", "v3-to-v3", SrcApi::V3, "bench33"),
+            ("v2v3", "v2-to-v3", SrcApi::V2, "bench23"),
+        ];
+        for (section, name, src_api, base) in modes {
+            if !self.only.contains(&section) {
+                continue;
+            }
+            let mut mode = V3Mode {
+                name,
+                src_api,
+                base,
+                generation: 0,
+                prefix: String::new(),
+            };
+            self.say(&format!(
+                "{name}: index put at the source's head by hand, mirror started without --reload"
+            ));
+            let mut m = self.v3_fresh(&mut mode);
+            self.v3_catchup(&mut mode, &mut m);
+            self.v3_ladder(&mut mode, &mut m);
+            self.v3_delay(&mut mode, &mut m, 100.0, 500);
+            m.stop();
+        }
+    }
+
+    fn v3_ratio(&self, per_s: f64) -> Option<f64> {
+        (self.raw_txn > 0.0).then(|| r3(per_s / self.raw_txn))
+    }
+
+    /// The v3 ceiling: serial keep-alive transactions into the destination alone, shaped as
+    /// the mirror writes an event (compare the index's value and the key's previous value,
+    /// put both; a failure branch reading both), on 1000 rotating keys. Then, for reference:
+    /// the same through ureq and serde_json, and the same while the bench's writer puts into
+    /// the source at 0.8 x the ceiling (what is left of the machine for the destination when
+    /// the source takes the goal's load).
+    fn raw_txn_v3(&mut self) {
+        let secs: f64 = env_num("ETCDMIRROR_BENCH_V3_CEILING_SECS", 5.0);
+        self.say(&format!(
+            "raw_txn_v3: one client, sequential keep-alive v3 transactions into the destination, {secs:.0} s"
+        ));
+        let mut ceiling = TxnCeiling::new(self.dst.client_port);
+        let u0 = self.usage(None);
+        let (n, secs) = ceiling.run(secs);
+        let u1 = self.usage(None);
+        self.raw_txn = n as f64 / secs;
+        let profile = self.usage_json(&u0, &u1);
+        // Reference: the tests' V3 client (ureq, serde_json both ways), 3 s.
+        let c = self.dst3.clone();
+        let start = Instant::now();
+        let mut n2 = 0usize;
+        while start.elapsed() < Duration::from_secs(3) {
+            let k = ceiling.next % ceiling.keys.len();
+            let key = &ceiling.keys[k];
+            let new = b64(format!("u{n2}").as_bytes());
+            let (i_old, i_new) = (
+                b64(ceiling.idx.to_string().as_bytes()),
+                b64((ceiling.idx + 1).to_string().as_bytes()),
+            );
+            let v = c.ok(
+                "kv/txn",
+                &json!({
+                    "compare": [
+                        {"key": ceiling.index, "target": "VALUE", "result": "EQUAL", "value": i_old},
+                        {"key": key, "target": "VALUE", "result": "EQUAL", "value": ceiling.values[k]},
+                    ],
+                    "success": [
+                        {"request_put": {"key": key, "value": new}},
+                        {"request_put": {"key": ceiling.index, "value": i_new}},
+                    ],
+                    "failure": [
+                        {"request_range": {"key": ceiling.index}},
+                        {"request_range": {"key": key}},
+                    ],
+                }),
+            );
+            assert_eq!(v["succeeded"], json!(true), "reference txn failed: {v}");
+            ceiling.values[k] = new;
+            ceiling.idx += 1;
+            ceiling.next += 1;
+            n2 += 1;
+        }
+        let secs2 = start.elapsed().as_secs_f64();
+        let raw2 = n2 as f64 / secs2;
+        self.results.push(json!({
+            "measurement": "raw_txn_v3",
+            "raw_txn_v3_per_s": r1(self.raw_txn),
+            "txns": n,
+            "seconds": r3(secs),
+            "ratio_to_raw_put_v2": self.ratio(self.raw_txn),
+            "target": "destination alone, one client, sequential, keep-alive, 1000 rotating keys",
+            "txn": "compare the index VALUE and the key VALUE, put the key and the index; \
+                    failure branch ranges both (the mirror's shape for an event)",
+            "client": "hand-written HTTP/1.1 on one TcpStream (JSON body formatted, answer read \
+                       by Content-Length and searched for \"succeeded\":true)",
+            "profile": profile,
+            "ureq_client_txn_per_s": r1(raw2),
+            "ureq_client": "the tests' V3 client: ureq 3 agent, serde_json both ways (3 s); for \
+                            reference, v3 ratios use raw_txn_v3_per_s",
+        }));
+        self.row(
+            "raw_txn_v3_per_s (dst alone, 1 minimal client)",
+            format!("{:.0} /s", self.raw_txn),
+            Some(1.0),
+            format!(
+                "{n} txns in {secs:.1} s; {:.3}x raw_put_per_s; 2 compares + 2 puts; cores: dst \
+                 etcd {}, client {}, others {}; {} ms dst CPU/txn",
+                self.raw_txn / self.raw.max(1.0),
+                profile["cpu_cores"]["dst_etcd"],
+                profile["cpu_cores"]["bench_writer_and_probes"],
+                profile["other_processes_cores"],
+                profile["dst_etcd_cpu_ms_per_txn"],
+            ),
+        );
+        self.row(
+            "  same via ureq + serde_json (reference)",
+            format!("{raw2:.0} /s"),
+            self.v3_ratio(raw2),
+            format!("{n2} txns in {secs2:.1} s; the tests' V3 client"),
+        );
+        // The same while the source is busy.
+        let busy_secs: f64 = env_num("ETCDMIRROR_BENCH_V3_CEILING_SECS", 5.0);
+        let rate = 0.8 * self.raw_txn;
+        let src3 = self.src3.clone();
+        let log = WriteLog::default();
+        let u0 = self.usage(None);
+        let ((n3, secs3), (w, wsecs)) = thread::scope(|s| {
+            let writer = s.spawn(|| {
+                rate_run(
+                    rate,
+                    Duration::from_secs_f64(busy_secs),
+                    4,
+                    &|i| src3.put(&format!("/rawload/k{}", i % 1000), &format!("v{i}")),
+                    &log,
+                    None,
+                )
+            });
+            let r = ceiling.run(busy_secs);
+            (r, writer.join().unwrap())
+        });
+        let u1 = self.usage(None);
+        let busy = n3 as f64 / secs3;
+        let busy_profile = self.usage_json(&u0, &u1);
+        self.results.push(json!({
+            "measurement": "raw_txn_v3_source_busy",
+            "raw_txn_v3_per_s": r1(busy),
+            "ratio_to_v3_ceiling": self.v3_ratio(busy),
+            "txns": n3,
+            "seconds": r3(secs3),
+            "source_writes_per_s_target": r1(rate),
+            "source_writes_per_s_achieved": r1(w as f64 / wsecs),
+            "source_writer": "v3 puts into the source, 4 threads, open loop (the sustained runs' writer)",
+            "profile": busy_profile,
+        }));
+        self.row(
+            "  same, source taking 0.8x in v3 puts",
+            format!("{busy:.0} /s"),
+            self.v3_ratio(busy),
+            format!(
+                "source writer {:.0}/s; cores: dst etcd {}, src etcd {}, writer+client {}, others {}",
+                w as f64 / wsecs,
+                busy_profile["cpu_cores"]["dst_etcd"],
+                busy_profile["cpu_cores"]["src_etcd"],
+                busy_profile["cpu_cores"]["bench_writer_and_probes"],
+                busy_profile["other_processes_cores"],
+            ),
+        );
+    }
+
+    /// Catch-up: the mirror stopped, `n` events written (v3: 5000 revisions, inside the
+    /// source's history; v2: 900, inside its 1000-event window), the mirror started again on
+    /// its stored index; time until its index reaches the last.
+    fn v3_catchup(&mut self, mode: &mut V3Mode, m: &mut Proc) {
+        let (n, keys) = match mode.src_api {
+            SrcApi::V3 => (env_num("ETCDMIRROR_BENCH_V3_CATCHUP", 5000u64), 1000),
+            SrcApi::V2 => (900, 300),
+        };
+        self.say(&format!(
+            "{}: catch-up: stop the mirror, write {n} events, start it, time until its index reaches the last",
+            mode.name
+        ));
+        m.stop();
+        let from = self.v3_index();
+        let log = WriteLog::default();
+        let prefix = mode.prefix.clone();
+        let this = &*self;
+        let md = &*mode;
+        let wsecs = burst_run(
+            n,
+            4,
+            &|i| this.v3_src_put(md, &format!("{prefix}/catchup/k{}", i % keys), i),
+            &log,
+        );
+        let last = log.last_index.load(Ordering::SeqCst);
+        let events = last - from;
+        let start = Instant::now();
+        *m = self.v3_spawn(mode);
+        let took = self.v3_wait(m, last, Duration::from_secs(60));
+        let secs = took.unwrap_or(start.elapsed().as_secs_f64());
+        let reached = self.v3_index();
+        let cpu = m.cpu().map(|t| t as f64 / self.tck);
+        let done = reached.saturating_sub(from);
+        let per_s = done as f64 / secs;
+        let mut res = json!({
+            "measurement": "catchup",
+            "mode": mode.name,
+            "events": events,
+            "events_replicated": done,
+            "completed": took.is_some(),
+            "seconds": r3(secs),
+            "events_per_s": r1(per_s),
+            "ratio_to_v3_ceiling": self.v3_ratio(per_s),
+            "writer_seconds": r3(wsecs),
+            "mirror_cpu_seconds": cpu.map(r3),
+            "mirror_cpu_ms_per_event": cpu.filter(|_| done > 0).map(|c| r3(c * 1000.0 / done as f64)),
+            "mirror_rss_kb": m.rss_kb(),
+            "timed_from": "the mirror's spawn (its start-up included)",
+        });
+        let note = if took.is_some() {
+            format!(
+                "{events} events in {secs:.2} s; mirror CPU {:.2} s",
+                cpu.unwrap_or(0.0)
+            )
+        } else {
+            format!("INCOMPLETE: {done}/{events} events after {secs:.0} s")
+        };
+        self.row(
+            &format!("catch-up {} ({n} events)", mode.name),
+            format!("{per_s:.0} ev/s"),
+            self.v3_ratio(per_s),
+            note,
+        );
+        let restart = self.v3_revive(mode, m, "catch-up", took.is_none());
+        if !restart.is_null() {
+            res["restart"] = restart;
+        }
+        self.results.push(res);
+    }
+
+    /// One sustained run into the v3 destination: an open-loop writer at `rate` writes/s for
+    /// `secs` under the prefix. Kept up as in the v2 runs: the mirror alive and its index at
+    /// the last write within 1 s after the writer stops (scaled down for runs under 20 s).
+    /// Returns the achieved rate if kept up.
+    fn v3_sustained(
+        &mut self,
+        mode: &mut V3Mode,
+        m: &mut Proc,
+        rate: f64,
+        secs: f64,
+        phase: &str,
+    ) -> Option<f64> {
+        self.say(&format!(
+            "{}: sustained {rate:.0} writes/s ({:.2} x ceiling) for {secs:.0} s ({phase})",
+            mode.name,
+            rate / self.raw_txn
+        ));
+        let drain_limit = Duration::from_secs(3);
+        let threads = if rate >= 1000.0 { 4 } else { 1 };
+        let log = WriteLog::default();
+        let stop = AtomicBool::new(false);
+        let samples: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+        let prefix = mode.prefix.clone();
+        let this = &*self;
+        let md = &*mode;
+        let mp = Some(&*m);
+        let ((count, wsecs), lag_end, u0, u1) = thread::scope(|s| {
+            let u0 = this.usage(mp);
+            s.spawn(|| {
+                while !stop.load(Ordering::SeqCst) {
+                    let last = log.last_index.load(Ordering::SeqCst);
+                    let r = this.v3_index();
+                    if last > 0 {
+                        samples.lock().unwrap().push(last.saturating_sub(r));
+                    }
+                    thread::sleep(Duration::from_millis(100));
+                }
+            });
+            let w = rate_run(
+                rate,
+                Duration::from_secs_f64(secs),
+                threads,
+                &|i| this.v3_src_put(md, &format!("{prefix}/load/k{}", i % 1000), i),
+                &log,
+                None,
+            );
+            let u1 = this.usage(mp);
+            let lag_end = log
+                .last_index
+                .load(Ordering::SeqCst)
+                .saturating_sub(u1.index);
+            stop.store(true, Ordering::SeqCst);
+            (w, lag_end, u0, u1)
+        });
+        let last = log.last_index.load(Ordering::SeqCst);
+        let drain = self.v3_wait(m, last, drain_limit);
+        let alive = m.alive();
+        let profile = self.usage_json(&u0, &u1);
+        let samples = samples.into_inner().unwrap();
+        let lag_max = samples.iter().copied().max().unwrap_or(0);
+        let achieved = count as f64 / wsecs;
+        // 1 s after 20 s, as the v2 runs allow 1 s; a shorter probe allows as much backlog per
+        // second of writing, so that a probe passes only where a hold can.
+        let allowed = (secs / 20.0).min(1.0);
+        let kept_up = alive && drain.is_some_and(|d| d <= allowed);
+        let mut res = json!({
+            "measurement": "sustained",
+            "mode": mode.name,
+            "phase": phase,
+            "kept_up_if_drained_within_seconds": allowed,
+            "target_writes_per_s": rate,
+            "target_fraction_of_v3_ceiling": self.v3_ratio(rate),
+            "achieved_writes_per_s": r1(achieved),
+            "writes": count,
+            "writer_threads": threads,
+            "seconds": r3(wsecs),
+            "lag_events_at_end": lag_end,
+            "lag_events_max": lag_max,
+            "drain_seconds": drain.map(r3),
+            "drain_limit_seconds": drain_limit.as_secs_f64(),
+            "kept_up": kept_up,
+            "mirror_alive": alive,
+            "ratio_to_v3_ceiling": self.v3_ratio(achieved),
+            "profile": profile,
+            "lag_samples_every_100ms": samples,
+        });
+        let status = if kept_up {
+            "kept up".to_string()
+        } else if !alive {
+            format!("MIRROR EXITED {}", m.exited().unwrap_or(-1))
+        } else if drain.is_none() {
+            format!(
+                "fell behind (not caught up {:.0} s after)",
+                drain_limit.as_secs_f64()
+            )
+        } else {
+            format!("fell behind (drain > {allowed:.2} s)")
+        };
+        self.row(
+            &format!("sustained {} {rate:.0}/s ({phase})", mode.name),
+            format!("{achieved:.0} w/s"),
+            self.v3_ratio(achieved),
+            format!(
+                "{status}; lag end {lag_end}, max {lag_max}; drain {}; applied {:.0}/s; {}",
+                drain.map_or("-".into(), |d| format!("{d:.2} s")),
+                res["profile"]["events_applied_per_s"]
+                    .as_f64()
+                    .unwrap_or(0.0),
+                Self::usage_note(&res["profile"])
+            ),
+        );
+        let restart = self.v3_revive(mode, m, &format!("sustained {rate:.0}/s"), drain.is_none());
+        if !restart.is_null() {
+            res["restart"] = restart;
+        }
+        self.results.push(res);
+        kept_up.then_some(achieved)
+    }
+
+    /// The highest rate kept up: short probes in steps of 0.1 x the ceiling from 0.8 (up
+    /// while kept up, to 1.0; down while not), then the best one held for 20 s (one step
+    /// lower again if that fails, at most three times).
+    fn v3_ladder(&mut self, mode: &mut V3Mode, m: &mut Proc) {
+        let probe_secs: f64 = env_num("ETCDMIRROR_BENCH_V3_PROBE_SECS", 5.0);
+        let hold_secs: f64 = env_num("ETCDMIRROR_BENCH_V3_HOLD_SECS", 20.0);
+        let start: f64 = env_num("ETCDMIRROR_BENCH_V3_START", 0.8);
+        let ceiling = self.raw_txn;
+        let rate_of =
+            |tenths: i32| ((f64::from(tenths) / 10.0 * ceiling / 10.0).round() * 10.0).max(10.0);
+        let mut probes: Vec<Value> = Vec::new();
+        let mut t = ((start * 10.0).round() as i32).clamp(1, 10);
+        let mut best: Option<i32> = None;
+        let mut probe = |this: &mut Bench, mode: &mut V3Mode, m: &mut Proc, t: i32| {
+            let kept = this
+                .v3_sustained(mode, m, rate_of(t), probe_secs, "probe")
+                .is_some();
+            probes.push(json!({"fraction": f64::from(t) / 10.0, "writes_per_s": rate_of(t), "kept_up": kept}));
+            kept
+        };
+        if probe(self, mode, m, t) {
+            best = Some(t);
+            while t < 10 {
+                t += 1;
+                if !probe(self, mode, m, t) {
+                    break;
+                }
+                best = Some(t);
+            }
+        } else {
+            while t > 1 {
+                t -= 1;
+                if probe(self, mode, m, t) {
+                    best = Some(t);
+                    break;
+                }
+            }
+        }
+        let mut t = best.unwrap_or(1);
+        let mut held: Option<(f64, f64)> = None;
+        let mut holds: Vec<Value> = Vec::new();
+        for _ in 0..3 {
+            let rate = rate_of(t);
+            let kept = self.v3_sustained(mode, m, rate, hold_secs, "hold");
+            holds.push(json!({"fraction": f64::from(t) / 10.0, "writes_per_s": rate, "kept_up": kept.is_some()}));
+            if let Some(a) = kept {
+                held = Some((rate, a));
+                break;
+            }
+            if t <= 1 {
+                break;
+            }
+            t -= 1;
+        }
+        let achieved = held.map(|h| h.1);
+        self.results.push(json!({
+            "measurement": "sustained_highest",
+            "mode": mode.name,
+            "highest_kept_up_target_writes_per_s": held.map(|h| h.0),
+            "highest_kept_up_achieved_writes_per_s": achieved.map(r1),
+            "held_seconds": hold_secs,
+            "ratio_to_v3_ceiling": achieved.and_then(|a| self.v3_ratio(a)),
+            "goal_ratio_to_v3_ceiling": 0.8,
+            "probes": probes,
+            "probe_seconds": probe_secs,
+            "holds": holds,
+        }));
+        let probed: Vec<String> = probes
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}{}",
+                    p["fraction"],
+                    if p["kept_up"] == json!(true) {
+                        " ok"
+                    } else {
+                        " no"
+                    }
+                )
+            })
+            .collect();
+        self.row(
+            &format!("sustained {} highest kept up {hold_secs:.0} s", mode.name),
+            achieved.map_or("none".into(), |a| format!("{a:.0} w/s")),
+            achieved.and_then(|a| self.v3_ratio(a)),
+            format!(
+                "goal 0.8x; probes ({probe_secs:.0} s, x ceiling): {}",
+                probed.join(", ")
+            ),
+        );
+    }
+
+    /// Replication delay into the v3 destination: from the source write's response to the
+    /// arrival on a v3 watch on the destination.
+    fn v3_delay(&mut self, mode: &mut V3Mode, m: &mut Proc, rate: f64, n: u64) {
+        self.say(&format!(
+            "{}: delay at {rate:.0} writes/s, {n} samples ({:.0} s)",
+            mode.name,
+            n as f64 / rate
+        ));
+        let dir = format!("{}/delay", mode.prefix);
+        let dst_dir = format!("{DST_PREFIX}{dir}/");
+        let stop = Arc::new(AtomicBool::new(false));
+        let arrivals = Arc::new(Mutex::new(HashMap::new()));
+        let (tx, rx) = mpsc::channel();
+        let watcher = dst3_watcher(
+            self.dst.url.clone(),
+            dst_dir.clone(),
+            stop.clone(),
+            arrivals.clone(),
+            tx,
+            Duration::from_secs_f64(n as f64 / rate + 60.0),
+        );
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the destination's v3 watch was created");
+        let sent: Mutex<Vec<Option<Instant>>> = Mutex::new(vec![None; n as usize]);
+        let log = WriteLog::default();
+        let this = &*self;
+        let md = &*mode;
+        // Tickets 0..n are due before (n - 0.5) / rate, ticket n is not.
+        let (count, _) = rate_run(
+            rate,
+            Duration::from_secs_f64((n as f64 - 0.5) / rate),
+            1,
+            &|i| this.v3_src_put(md, &format!("{dir}/d{i}"), i),
+            &log,
+            Some(&|i, t| {
+                if let Some(slot) = sent.lock().unwrap().get_mut(i as usize) {
+                    *slot = Some(t);
+                }
+            }),
+        );
+        let wait = 5;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(wait)
+            && (arrivals.lock().unwrap().len() as u64) < count
+            && m.alive()
+        {
+            thread::sleep(Duration::from_millis(10));
+        }
+        // A key written on the destination alone wakes the watcher up to see `stop`.
+        stop.store(true, Ordering::SeqCst);
+        self.dst3.put(&format!("{dst_dir}~stop"), "x");
+        let _ = watcher.join();
+        let arr = arrivals.lock().unwrap().clone();
+        let sent = sent.into_inner().unwrap();
+        let mut d: Vec<f64> = Vec::new();
+        for (i, s) in sent.iter().enumerate() {
+            if let (Some(s), Some(a)) = (s, arr.get(&format!("{dst_dir}d{i}"))) {
+                let ms = if *a >= *s {
+                    (*a - *s).as_secs_f64() * 1000.0
+                } else {
+                    -((*s - *a).as_secs_f64() * 1000.0)
+                };
+                d.push(ms);
+            }
+        }
+        d.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let (p50, p99, max) = (
+            percentile(&d, 0.5),
+            percentile(&d, 0.99),
+            d.last().copied().unwrap_or(f64::NAN),
+        );
+        let missing = count - d.len() as u64;
+        let mut res = json!({
+            "measurement": "delay",
+            "mode": mode.name,
+            "writes_per_s": rate,
+            "writes": count,
+            "samples": d.len(),
+            "missing_after_wait": missing,
+            "wait_seconds": wait,
+            "p50_ms": r3(p50),
+            "p99_ms": r3(p99),
+            "max_ms": r3(max),
+            "min_ms": d.first().copied().map(r3),
+            "method": "source write response instant -> arrival on a v3 watch (POST /v3/watch \
+                       stream) on the destination, one process, monotonic clock",
+        });
+        self.row(
+            &format!("delay {} {rate:.0}/s p50/p99/max", mode.name),
+            format!("{p50:.2}/{p99:.2}/{max:.1} ms"),
+            None,
+            format!(
+                "{} samples{}",
+                d.len(),
+                if missing > 0 {
+                    format!(", {missing} NOT ARRIVED within {wait} s")
+                } else {
+                    String::new()
+                }
+            ),
+        );
+        let restart = self.v3_revive(mode, m, &format!("delay {rate:.0}/s"), false);
+        if !restart.is_null() {
+            res["restart"] = restart;
+        }
+        self.results.push(res);
     }
 }
 
