@@ -1082,6 +1082,9 @@ impl Client {
     }
 }
 
+/// The read buffer of a v3 watch stream.
+const WATCH_BUFFER: usize = 256 * 1024;
+
 /// A refusal the v3 gateway reports: the HTTP status, the gRPC code and its message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GrpcError {
@@ -1286,7 +1289,12 @@ impl Client {
                 }
                 return Attempt::Ok(Err(err));
             }
-            Attempt::Ok(Ok(std::io::BufReader::new(resp.into_body().into_reader())))
+            // Large enough that a replica behind reads many messages per read, which the
+            // loop can then write together (`Watch3::queued`).
+            Attempt::Ok(Ok(std::io::BufReader::with_capacity(
+                WATCH_BUFFER,
+                resp.into_body().into_reader(),
+            )))
         })?;
         Ok(opened)
     }

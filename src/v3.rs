@@ -451,6 +451,11 @@ pub fn watch(
 }
 
 impl Stream {
+    /// A whole message is already buffered: `next` will not wait.
+    pub fn ready(&self) -> bool {
+        self.reader.buffer().contains(&b'\n')
+    }
+
     /// The next message. An error is a broken stream: open it again.
     pub fn next(&mut self) -> std::result::Result<Next, String> {
         let mut line = Vec::new();

@@ -44,6 +44,9 @@ pub struct Watch3<'a> {
     queue: VecDeque<(u64, Vec<v3::Event>)>,
     /// Broken streams in a row, for the one retry policy.
     failures: Failures,
+    /// What the stream gave while `queued` looked for more events without waiting, to be
+    /// handled by `next` first.
+    stashed: Option<std::result::Result<Next, String>>,
 }
 
 impl<'a> Watch3<'a> {
@@ -56,6 +59,7 @@ impl<'a> Watch3<'a> {
             idle,
             stream: None,
             queue: VecDeque::new(),
+            stashed: None,
         }
     }
 
@@ -72,11 +76,15 @@ impl<'a> Watch3<'a> {
                 ))?;
                 continue;
             }
-            let Some(stream) = self.stream.as_mut() else {
-                self.open(applied)?;
-                continue;
+            let got = match (self.stashed.take(), self.stream.as_mut()) {
+                (Some(got), _) => got,
+                (None, Some(stream)) => stream.next(),
+                (None, None) => {
+                    self.open(applied)?;
+                    continue;
+                }
             };
-            match stream.next() {
+            match got {
                 Ok(Next::Message(Message::Events(events))) => {
                     self.failures = self.src.failures();
                     if let Err(why) = self.take(events, applied) {
@@ -112,6 +120,20 @@ impl<'a> Watch3<'a> {
     /// A revision already received after `after`, without waiting, so that the loop can
     /// write several in one transaction; give it back with `unget` when it does not fit.
     pub fn queued(&mut self, after: u64) -> Option<(u64, Vec<v3::Event>)> {
+        // Messages already read from the socket count too: a replica behind reads many
+        // per read.
+        if self.queue.is_empty() && self.stashed.is_none() {
+            if let Some(stream) = self.stream.as_mut().filter(|s| s.ready()) {
+                match stream.next() {
+                    Ok(Next::Message(Message::Events(events))) => {
+                        if let Err(why) = self.take(events, after) {
+                            self.stashed = Some(Err(why));
+                        }
+                    }
+                    other => self.stashed = Some(other),
+                }
+            }
+        }
         match self.queue.front() {
             Some((rev, _)) if *rev > after => self.queue.pop_front(),
             _ => None,
