@@ -30,6 +30,20 @@ enum Arrival {
 }
 
 impl Feed<'_> {
+    /// What the source delivered after `after`, if it is already here (no waiting).
+    fn ready(&mut self, after: u64, cfg: &Config) -> Result<Option<Arrival>> {
+        Ok(match self {
+            Feed::V2(w) if w.ready() => Some(match w.next(after)? {
+                watch::Arrival::Event(ev) => Arrival::Batch(flat::from_v2(&ev, &cfg.keys)),
+                watch::Arrival::Quiet(x) => Arrival::Quiet(x),
+            }),
+            Feed::V2(_) => None,
+            Feed::V3(w) => w
+                .queued(after)
+                .map(|(rev, events)| Arrival::Batch(flat::from_v3(rev, &events, &cfg.keys))),
+        })
+    }
+
     fn next(&mut self, index: u64, cfg: &Config) -> Result<Arrival> {
         Ok(match self {
             Feed::V2(w) => match w.next(index)? {
@@ -61,20 +75,26 @@ pub fn run(cfg: &Config, src: &Client, dst: &Client, index: u64, stored: Vec<u8>
     };
     let mut index = index;
     let mut recorder = Recorder::new(index, Instant::now());
+    // An arrival taken while looking for more that did not fit the last transaction.
+    let mut carry: Option<Arrival> = None;
     loop {
-        match feed.next(index, cfg)? {
+        let arrival = match carry.take() {
+            Some(a) => a,
+            None => feed.next(index, cfg)?,
+        };
+        match arrival {
             Arrival::Batch(b) if b.is_empty() => {
                 debug!("index {}: nothing under the prefix", b.index);
                 index = index.max(b.index);
             }
             Arrival::Batch(mut b) => {
-                // Revisions already received go in the same transaction while it has room:
-                // a replica that fell behind catches up many revisions per write.
-                if let Feed::V3(w) = &mut feed {
-                    while let Some((rev, events)) = w.queued(b.index) {
-                        let next = flat::from_v3(rev, &events, &cfg.keys);
-                        if !flat::merge(&mut b, &next) {
-                            w.unget(rev, events);
+                // Events or revisions already received go in the same transaction while it
+                // has room: a replica that fell behind catches up many per write.
+                while let Some(next) = feed.ready(b.index, cfg)? {
+                    match next {
+                        Arrival::Batch(n) if flat::merge(&mut b, &n) => {}
+                        other => {
+                            carry = Some(other);
                             break;
                         }
                     }

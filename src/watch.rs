@@ -135,6 +135,14 @@ impl<'a> Watch<'a> {
         }
     }
 
+    /// A live event is already buffered, so that `next` will not wait (nor read the
+    /// history first).
+    pub fn ready(&self) -> bool {
+        self.replay_to.is_none()
+            && self.pending.is_none()
+            && self.live.as_ref().is_some_and(|o| o.stream.ready())
+    }
+
     /// The next arrival after `index`, every source event up to which has been applied.
     pub fn next(&mut self, index: u64) -> Result<Arrival> {
         loop {

@@ -118,7 +118,7 @@ impl<'a> Watch3<'a> {
     }
 
     /// A revision already received after `after`, without waiting, so that the loop can
-    /// write several in one transaction; give it back with `unget` when it does not fit.
+    /// write several in one transaction.
     pub fn queued(&mut self, after: u64) -> Option<(u64, Vec<v3::Event>)> {
         // Messages already read from the socket count too: a replica behind reads many
         // per read.
@@ -138,11 +138,6 @@ impl<'a> Watch3<'a> {
             Some((rev, _)) if *rev > after => self.queue.pop_front(),
             _ => None,
         }
-    }
-
-    /// Put back a revision taken with `queued`.
-    pub fn unget(&mut self, rev: u64, events: Vec<v3::Event>) {
-        self.queue.push_front((rev, events));
     }
 
     /// Queue a message's events by revision; they must be new and in order.
