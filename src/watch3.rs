@@ -174,8 +174,7 @@ impl<'a> Watch3<'a> {
     fn cleared(&self, applied: u64, compacted: u64) -> Error {
         Error::IndexCleared(format!(
             "the source {} has compacted its history up to revision {compacted}, past the \
-             revision {} the mirror needs next (its replication index is {applied}): the \
-             events in between are gone. Run with --reload (see the README, Recovery)",
+             revision {} the mirror needs next (its replication index is {applied})",
             self.src.name(),
             applied.saturating_add(1)
         ))
