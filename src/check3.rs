@@ -207,13 +207,7 @@ fn replica_index(dst: &Client, key: &str) -> Result<(u64, u64, u64)> {
             dst.name()
         )));
     };
-    let text = String::from_utf8_lossy(&kv.value);
-    let index = text.trim().parse().map_err(|_| {
-        Error::Usage(format!(
-            "the replication index {key} on {} holds {text:?}, not a number; run with --reload",
-            dst.name()
-        ))
-    })?;
+    let index = crate::dest3::parse_index(dst, key, &kv.value)?;
     Ok((index, kv.mod_revision, found.revision))
 }
 

@@ -299,6 +299,8 @@ fn seconds(flag: &str, value: Option<String>, default: Duration) -> Result<Durat
         return Ok(default);
     };
     let parsed = v.parse::<f64>().ok().filter(|s| *s > 0.0 && *s < 1e6);
+    // Total: `try_from_secs_f64` returns an error (never panics) for a negative, NaN or
+    // too large value, and the filter has already kept only 0 < s < 1e6, which fits.
     match parsed.and_then(|s| Duration::try_from_secs_f64(s).ok()) {
         Some(d) => Ok(d),
         None => Err(usage(format!(

@@ -42,14 +42,18 @@ pub fn read_index(dst: &Client, key: &str) -> Result<Option<(u64, Vec<u8>)>> {
     let Some(kv) = v3::get(dst, key.as_bytes())? else {
         return Ok(None);
     };
-    let text = String::from_utf8_lossy(&kv.value);
-    let index = text.trim().parse().map_err(|_| {
+    Ok(Some((parse_index(dst, key, &kv.value)?, kv.value)))
+}
+
+/// The number an index key holds (an operator may have written "42\n"); exit 2 otherwise.
+pub fn parse_index(dst: &Client, key: &str, value: &[u8]) -> Result<u64> {
+    let text = String::from_utf8_lossy(value);
+    text.trim().parse().map_err(|_| {
         Error::Usage(format!(
             "the replication index {key} on {} holds {text:?}, not a number; run with --reload",
             dst.name()
         ))
-    })?;
-    Ok(Some((index, kv.value)))
+    })
 }
 
 /// A key's state for messages: absent, or its value (shortened when long).
@@ -194,24 +198,23 @@ impl<'a> Dest3<'a> {
         ends: bool,
     ) -> Result<()> {
         let what = format!("txn for index {}", batch.index);
-        let mut pending: Vec<Change> = changes.to_vec();
+        let mut pending: Vec<&Change> = changes.iter().collect();
+        let index = batch.index.to_string().into_bytes();
         for _ in 0..TRIES {
-            let mut compares = vec![Compare::Value(self.index_key.clone(), self.stored.clone())];
+            let mut compares = vec![Compare::Value(&self.index_key, &self.stored)];
             // The change each compare after the index is about.
             let mut compared: Vec<&Change> = Vec::new();
             let mut writes = Vec::new();
             let mut skip = vec![false; pending.len()];
-            for (c, skipped) in pending.iter().zip(skip.iter_mut()) {
+            for (&c, skipped) in pending.iter().zip(skip.iter_mut()) {
                 let cmp = match &c.expect {
                     Expect::Any => None,
-                    Expect::Absent => Some(Compare::Absent(c.key.clone())),
-                    Expect::Value(v) if v.len() <= SMALL_VALUE => {
-                        Some(Compare::Value(c.key.clone(), v.clone()))
-                    }
+                    Expect::Absent => Some(Compare::Absent(&c.key)),
+                    Expect::Value(v) if v.len() <= SMALL_VALUE => Some(Compare::Value(&c.key, v)),
                     Expect::Value(_) => {
                         let found = v3::get(self.dst, &c.key)?;
                         if at_start(c, found.as_ref()) {
-                            found.map(|kv| Compare::Mod(c.key.clone(), kv.mod_revision))
+                            found.map(|kv| Compare::Mod(&c.key, kv.mod_revision))
                         } else if at_end(c, found.as_ref()) {
                             *skipped = true;
                             continue;
@@ -225,20 +228,13 @@ impl<'a> Dest3<'a> {
                     compared.push(c);
                 }
                 writes.push(match &c.new {
-                    Some(v) => Write::Put(c.key.clone(), v.clone()),
-                    None => Write::Delete(c.key.clone()),
+                    Some(v) => Write::Put(&c.key, v),
+                    None => Write::Delete(&c.key),
                 });
             }
-            writes.extend(
-                clear
-                    .iter()
-                    .map(|(from, to)| Write::DeleteRange(from.clone(), to.clone())),
-            );
+            writes.extend(clear.iter().map(|(from, to)| Write::DeleteRange(from, to)));
             if ends {
-                writes.push(Write::Put(
-                    self.index_key.clone(),
-                    batch.index.to_string().into_bytes(),
-                ));
+                writes.push(Write::Put(&self.index_key, &index));
             }
             let (outcome, retried) = v3::txn(self.dst, &compares, &writes, &what)?;
             let found = match outcome {

@@ -182,32 +182,55 @@ impl Stream {
     /// Wait for the next event, up to the read timeout the stream was opened with.
     /// An error is a broken stream: reconnect.
     pub fn next(&mut self) -> std::result::Result<Next, String> {
-        use std::io::BufRead;
-        let mut line = Vec::new();
-        loop {
-            match self.reader.read_until(b'\n', &mut line) {
-                Ok(0) => return Ok(Next::Closed),
-                Ok(_) if line.iter().all(u8::is_ascii_whitespace) => line.clear(),
-                Ok(_) => return Event::parse(&line).map(Next::Event),
-                Err(e) => {
-                    let e = ureq::Error::from(e);
-                    // Bytes of an event arrived and then stopped: that is not silence, so it
-                    // proves nothing. The event is fetched again by the next registration.
-                    return if is_timeout(&e) && line.is_empty() {
-                        Ok(Next::Quiet)
-                    } else if is_timeout(&e) {
-                        Err(format!("an event stalled after {} bytes", line.len()))
-                    } else {
-                        Err(e.to_string())
-                    };
-                }
-            }
-        }
+        Ok(match read_line(&mut self.reader)? {
+            Line::Text(line) => Next::Event(Event::parse(&line)?),
+            Line::Quiet => Next::Quiet,
+            Line::Closed => Next::Closed,
+        })
     }
 
     /// Read a finished long poll to its end, so that its connection is reused.
     pub fn finish(mut self) {
         let _ = std::io::copy(&mut self.reader, &mut std::io::sink());
+    }
+}
+
+/// One line of a streamed response: a v2 watch event, a v3 watch message.
+pub enum Line {
+    Text(Vec<u8>),
+    /// Not one byte arrived within the read bound the stream was opened with.
+    Quiet,
+    /// The server or a proxy ended the response.
+    Closed,
+}
+
+/// The next non-blank line of a stream. A last line without its newline before the end
+/// counts (etcd's v3 gateway ends a stream that way). Part of a line and then nothing is
+/// not silence, so it proves nothing: that, like any other failure, is an error (a broken
+/// stream, to be opened again).
+pub fn read_line(
+    reader: &mut std::io::BufReader<ureq::BodyReader<'static>>,
+) -> std::result::Result<Line, String> {
+    use std::io::BufRead;
+    let mut line = Vec::new();
+    loop {
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) if line.iter().all(u8::is_ascii_whitespace) => return Ok(Line::Closed),
+            Ok(0) => return Ok(Line::Text(line)),
+            Ok(_) if !line.ends_with(b"\n") => {}
+            Ok(_) if line.iter().all(u8::is_ascii_whitespace) => line.clear(),
+            Ok(_) => return Ok(Line::Text(line)),
+            Err(e) => {
+                let e = ureq::Error::from(e);
+                return if is_timeout(&e) && line.is_empty() {
+                    Ok(Line::Quiet)
+                } else if is_timeout(&e) {
+                    Err(format!("a line stalled after {} bytes", line.len()))
+                } else {
+                    Err(e.to_string())
+                };
+            }
+        }
     }
 }
 

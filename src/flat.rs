@@ -316,15 +316,9 @@ pub fn merge(into: &mut Batch, next: &Batch) -> bool {
 mod tests {
     use super::*;
     use crate::etcd::{Event, Node};
-    use crate::keys::normalize_prefix;
 
     fn map(src: &str, dst: &str, strip: bool) -> KeyMap {
-        KeyMap {
-            src_prefix: normalize_prefix(src),
-            dst_prefix: normalize_prefix(dst),
-            strip,
-            ignore: None,
-        }
+        crate::keys::map(src, dst, strip, None)
     }
 
     fn node(key: &str, value: Option<&str>, index: u64) -> Node {

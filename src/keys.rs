@@ -144,18 +144,20 @@ impl KeyMap {
     }
 }
 
+/// A key map for tests, as the command line would build it.
+#[cfg(test)]
+pub fn map(src: &str, dst: &str, strip: bool, ignore: Option<&str>) -> KeyMap {
+    KeyMap {
+        src_prefix: normalize_prefix(src),
+        dst_prefix: normalize_prefix(dst),
+        strip,
+        ignore: ignore.map(|r| Regex::new(&format!("^(?:{r})$")).unwrap()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn map(src: &str, dst: &str, strip: bool, ignore: Option<&str>) -> KeyMap {
-        KeyMap {
-            src_prefix: normalize_prefix(src),
-            dst_prefix: normalize_prefix(dst),
-            strip,
-            ignore: ignore.map(|r| Regex::new(&format!("^(?:{r})$")).unwrap()),
-        }
-    }
 
     fn mirror(k: &str) -> Route {
         Route::Mirror(k.to_string())

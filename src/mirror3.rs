@@ -82,6 +82,8 @@ pub fn run(cfg: &Config, src: &Client, dst: &Client, index: u64, stored: Vec<u8>
             Some(a) => a,
             None => feed.next(index, cfg)?,
         };
+        // For the metrics: the batch written (its action, events and write time).
+        let mut written = None;
         match arrival {
             Arrival::Batch(b) if b.is_empty() => {
                 debug!("index {}: nothing under the prefix", b.index);
@@ -123,11 +125,7 @@ pub fn run(cfg: &Config, src: &Client, dst: &Client, index: u64, stored: Vec<u8>
                 dest.apply(&b)?;
                 index = index.max(b.index);
                 recorder.recorded(index, Instant::now());
-                metrics::update(|s| {
-                    s.observe_write(started.elapsed());
-                    let n = s.events_by_action.entry(b.action.clone()).or_default();
-                    *n = n.saturating_add(b.merged).saturating_add(1);
-                });
+                written = Some((b.action, b.merged.saturating_add(1), started.elapsed()));
             }
             Arrival::Quiet(x) => {
                 if x > index {
@@ -136,18 +134,25 @@ pub fn run(cfg: &Config, src: &Client, dst: &Client, index: u64, stored: Vec<u8>
                 }
             }
         }
-        if recorder.due(index, false, Instant::now()) {
+        let now = Instant::now();
+        let idle = recorder.due(index, false, now);
+        if idle {
             dest.record(index)?;
-            recorder.recorded(index, Instant::now());
+            recorder.recorded(index, now);
             debug!("recorded index {index} without an event");
-            metrics::update(|s| s.idle_advances = s.idle_advances.saturating_add(1));
         }
         // What /lag shows: everything up to here is applied; an index without an event is
-        // stored at most a second or 100 events later.
+        // stored at most a second or 100 events later. One update per arrival.
         metrics::update(|s| {
+            if let Some((action, events, took)) = written.take() {
+                s.observe_write(took);
+                let n = s.events_by_action.entry(action).or_default();
+                *n = n.saturating_add(events);
+            }
+            s.idle_advances = s.idle_advances.saturating_add(u64::from(idle));
             s.replicated_index = index;
             s.source_index = s.source_index.max(index);
-            s.last_watch = Some(Instant::now());
+            s.last_watch = Some(now);
         });
     }
 }

@@ -402,6 +402,26 @@ fn guard(cfg: &Config, l: &Listing, d: &Diff, src: &Client, dst: &Client) -> Opt
     })
 }
 
+/// After the first pass's plan and guard: with `--dry-run`, print the plan and what a guard
+/// would refuse, and stop (`false`); otherwise a refusal is exit 2, and `true` goes on.
+pub(crate) fn go_on(
+    cfg: &Config,
+    refusal: Option<String>,
+    print_plan: impl FnOnce(),
+) -> Result<bool> {
+    if cfg.dry_run {
+        print_plan();
+        if let Some(why) = refusal {
+            println!("--reload without --force would refuse: {why}");
+        }
+        return Ok(false);
+    }
+    match refusal {
+        Some(why) => Err(Error::Usage(format!("refusing to --reload: {why}"))),
+        None => Ok(true),
+    }
+}
+
 /// Run the reload. Returns the source index to replicate from, or `None` for a dry run.
 pub fn reload(cfg: &Config, src: &Client, dst: &Client) -> Result<Option<u64>> {
     let started = Instant::now();
@@ -423,15 +443,8 @@ pub fn reload(cfg: &Config, src: &Client, dst: &Client) -> Result<Option<u64>> {
         );
         if pass == 1 {
             let refusal = guard(cfg, &l, &d, src, dst);
-            if cfg.dry_run {
-                print_plan(&d);
-                if let Some(why) = refusal {
-                    println!("--reload without --force would refuse: {why}");
-                }
+            if !go_on(cfg, refusal, || print_plan(&d))? {
                 return Ok(None);
-            }
-            if let Some(why) = refusal {
-                return Err(Error::Usage(format!("refusing to --reload: {why}")));
             }
             stale = read_index(dst, &index_key)?;
         }

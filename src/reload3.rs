@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::etcd::{Client, GrpcError};
 use crate::flat;
 use crate::keys::{KeyMap, Route};
-use crate::reload::{after_pass, head, mass_delete, mirrored, Next, MARGIN, MAX_PASSES};
+use crate::reload::{after_pass, go_on, head, mass_delete, mirrored, Next, MARGIN, MAX_PASSES};
 use crate::v3::{self, show, Compare, Kv, TxnOutcome, Write};
 
 /// A source key as the destination must hold it, keyed by its destination key.
@@ -76,18 +76,18 @@ pub enum Judged {
 }
 
 impl Step {
-    fn compare(&self) -> Compare {
+    fn compare(&self) -> Compare<'_> {
         if self.listed == 0 {
-            Compare::Absent(self.key.clone())
+            Compare::Absent(&self.key)
         } else {
-            Compare::Mod(self.key.clone(), self.listed)
+            Compare::Mod(&self.key, self.listed)
         }
     }
 
-    fn write(&self) -> Write {
+    fn write(&self) -> Write<'_> {
         match &self.new {
-            Some(v) => Write::Put(self.key.clone(), v.clone()),
-            None => Write::Delete(self.key.clone()),
+            Some(v) => Write::Put(&self.key, v),
+            None => Write::Delete(&self.key),
         }
     }
 
@@ -444,15 +444,8 @@ pub fn reload(cfg: &Config, src: &Client, dst: &Client) -> Result<Option<u64>> {
         );
         if pass == 1 {
             let refusal = guard(cfg, &l, &d, src, dst)?;
-            if cfg.dry_run {
-                print_plan(&d);
-                if let Some(why) = refusal {
-                    println!("--reload without --force would refuse: {why}");
-                }
+            if !go_on(cfg, refusal, || print_plan(&d))? {
                 return Ok(None);
-            }
-            if let Some(why) = refusal {
-                return Err(Error::Usage(format!("refusing to --reload: {why}")));
             }
             stale = v3::get(dst, index_key.as_bytes())?.map(|kv| (kv.value, kv.mod_revision));
         }
@@ -623,16 +616,7 @@ fn set_index(dst: &Client, key: &str, listed: u64, value: Option<u64>) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::normalize_prefix;
-
-    fn map(src: &str, dst: &str, strip: bool, ignore: Option<&str>) -> KeyMap {
-        KeyMap {
-            src_prefix: normalize_prefix(src),
-            dst_prefix: normalize_prefix(dst),
-            strip,
-            ignore: ignore.map(|r| regex_lite::Regex::new(&format!("^(?:{r})$")).unwrap()),
-        }
-    }
+    use crate::keys::map;
 
     fn want(items: &[(&str, &str)]) -> Want {
         items
@@ -692,9 +676,9 @@ mod tests {
         assert_eq!(d.summary(), "2 creates, 1 updates, 0 replaces, 1 deletes");
         let order: Vec<&[u8]> = d.steps().iter().map(|s| s.key.as_slice()).collect();
         assert_eq!(order, [b"/r/a".as_slice(), b"/r/e", b"/r/c", b"/r/z"]);
-        assert_eq!(d.creates[0].compare(), Compare::Absent(b"/r/a".to_vec()));
-        assert_eq!(d.deletes[0].compare(), Compare::Mod(b"/r/z".to_vec(), 7));
-        assert_eq!(d.deletes[0].write(), Write::Delete(b"/r/z".to_vec()));
+        assert_eq!(d.creates[0].compare(), Compare::Absent(b"/r/a".as_slice()));
+        assert_eq!(d.deletes[0].compare(), Compare::Mod(b"/r/z".as_slice(), 7));
+        assert_eq!(d.deletes[0].write(), Write::Delete(b"/r/z".as_slice()));
         // One of three existing keys goes: no guard.
         assert!(!d.deletes_too_much(3));
         // Equal sides write nothing.

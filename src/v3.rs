@@ -6,14 +6,13 @@
 //! out; a failed txn has no `succeeded`; a watch answers one JSON object per line, and one
 //! revision's events always travel in one message.
 
-use std::io::BufRead;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::endpoint::{base64, unbase64};
 use crate::error::{Error, Result};
-use crate::etcd::{Client, GrpcError, GRPC_OUT_OF_RANGE};
+use crate::etcd::{read_line, Client, GrpcError, Line, GRPC_OUT_OF_RANGE};
 
 /// A key as the gateway returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,18 +234,19 @@ pub fn cluster_id(c: &Client) -> Result<String> {
     Ok(format!("{id:x}"))
 }
 
-/// What a transaction asserts about one key.
+/// What a transaction asserts about one key (borrowed: a request is built from the
+/// caller's keys and values without copying them).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Compare {
+pub enum Compare<'a> {
     /// The key does not exist (its mod_revision is 0).
-    Absent(Vec<u8>),
+    Absent(&'a [u8]),
     /// The key exists and holds exactly this value.
-    Value(Vec<u8>, Vec<u8>),
+    Value(&'a [u8], &'a [u8]),
     /// The key's mod_revision is this one.
-    Mod(Vec<u8>, u64),
+    Mod(&'a [u8], u64),
 }
 
-impl Compare {
+impl Compare<'_> {
     pub fn key(&self) -> &[u8] {
         match self {
             Compare::Absent(k) | Compare::Value(k, _) | Compare::Mod(k, _) => k,
@@ -268,16 +268,16 @@ impl Compare {
     }
 }
 
-/// A write inside a transaction.
+/// A write inside a transaction (borrowed, as `Compare`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Write {
-    Put(Vec<u8>, Vec<u8>),
-    Delete(Vec<u8>),
+pub enum Write<'a> {
+    Put(&'a [u8], &'a [u8]),
+    Delete(&'a [u8]),
     /// Every key in `[key, end)`.
-    DeleteRange(Vec<u8>, Vec<u8>),
+    DeleteRange(&'a [u8], &'a [u8]),
 }
 
-impl Write {
+impl Write<'_> {
     fn json(&self) -> Value {
         match self {
             Write::Put(k, v) => json!({"request_put": {"key": base64(k), "value": base64(v)}}),
@@ -458,31 +458,11 @@ impl Stream {
 
     /// The next message. An error is a broken stream: open it again.
     pub fn next(&mut self) -> std::result::Result<Next, String> {
-        let mut line = Vec::new();
-        loop {
-            match self.reader.read_until(b'\n', &mut line) {
-                // A last message may come without its newline before the end.
-                Ok(0) if line.iter().all(u8::is_ascii_whitespace) => return Ok(Next::Closed),
-                Ok(0) => return parse_message(&line).map(Next::Message),
-                Ok(_) if !line.ends_with(b"\n") => {}
-                Ok(_) if line.iter().all(u8::is_ascii_whitespace) => line.clear(),
-                Ok(_) => return parse_message(&line).map(Next::Message),
-                Err(e) => {
-                    let timeout = matches!(
-                        e.kind(),
-                        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
-                    ) || e.to_string().to_lowercase().contains("timeout");
-                    // Part of a message and then nothing: not silence, a stalled stream.
-                    return if timeout && line.is_empty() {
-                        Ok(Next::Quiet)
-                    } else if timeout {
-                        Err(format!("a message stalled after {} bytes", line.len()))
-                    } else {
-                        Err(e.to_string())
-                    };
-                }
-            }
-        }
+        Ok(match read_line(&mut self.reader)? {
+            Line::Text(line) => Next::Message(parse_message(&line)?),
+            Line::Quiet => Next::Quiet,
+            Line::Closed => Next::Closed,
+        })
     }
 }
 
