@@ -470,6 +470,46 @@ fn dst_watcher(
     })
 }
 
+/// Delays from each write's response to its arrival on the destination (ms, sorted), for
+/// the writes whose key (`key(i)`) arrived.
+fn delays(
+    sent: &[Option<Instant>],
+    arrivals: &HashMap<String, Instant>,
+    key: impl Fn(usize) -> String,
+) -> Vec<f64> {
+    let mut d: Vec<f64> = Vec::new();
+    for (i, s) in sent.iter().enumerate() {
+        if let (Some(s), Some(a)) = (s, arrivals.get(&key(i))) {
+            let ms = if *a >= *s {
+                (*a - *s).as_secs_f64() * 1000.0
+            } else {
+                -((*s - *a).as_secs_f64() * 1000.0)
+            };
+            d.push(ms);
+        }
+    }
+    d.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    d
+}
+
+/// The delay row's JSON for results.json.
+fn delay_json(mode: &str, rate: Value, count: u64, wait: Value, d: &[f64], method: &str) -> Value {
+    json!({
+        "measurement": "delay",
+        "mode": mode,
+        "writes_per_s": rate,
+        "writes": count,
+        "samples": d.len(),
+        "missing_after_wait": count - d.len() as u64,
+        "wait_seconds": wait,
+        "p50_ms": r3(percentile(d, 0.5)),
+        "p99_ms": r3(percentile(d, 0.99)),
+        "max_ms": r3(d.last().copied().unwrap_or(f64::NAN)),
+        "min_ms": d.first().copied().map(r3),
+        "method": method,
+    })
+}
+
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -1245,38 +1285,21 @@ impl Bench {
         let _ = watcher.join();
         let arr = arrivals.lock().unwrap().clone();
         let sent = sent.into_inner().unwrap();
-        let mut d: Vec<f64> = Vec::new();
-        for (i, s) in sent.iter().enumerate() {
-            if let (Some(s), Some(a)) = (s, arr.get(&format!("{dst_dir}/d{i}"))) {
-                let ms = if *a >= *s {
-                    (*a - *s).as_secs_f64() * 1000.0
-                } else {
-                    -((*s - *a).as_secs_f64() * 1000.0)
-                };
-                d.push(ms);
-            }
-        }
-        d.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let d = delays(&sent, &arr, |i| format!("{dst_dir}/d{i}"));
         let (p50, p99, max) = (
             percentile(&d, 0.5),
             percentile(&d, 0.99),
             d.last().copied().unwrap_or(f64::NAN),
         );
         let missing = count - d.len() as u64;
-        let mut res = json!({
-            "measurement": "delay",
-            "mode": mode.name,
-            "writes_per_s": rate,
-            "writes": count,
-            "samples": d.len(),
-            "missing_after_wait": missing,
-            "wait_seconds": wait,
-            "p50_ms": r3(p50),
-            "p99_ms": r3(p99),
-            "max_ms": r3(max),
-            "min_ms": d.first().copied().map(r3),
-            "method": "source PUT response instant -> arrival on a long-poll watch (waitIndex) on the destination, one process, monotonic clock",
-        });
+        let mut res = delay_json(
+            mode.name,
+            json!(rate),
+            count,
+            json!(wait),
+            &d,
+            "source PUT response instant -> arrival on a long-poll watch (waitIndex) on the destination, one process, monotonic clock",
+        );
         self.row(
             &format!("delay {} {rate:.0}/s p50/p99/max", mode.name),
             format!("{p50:.2}/{p99:.2}/{max:.1} ms"),
@@ -2577,39 +2600,22 @@ impl Bench {
         let _ = watcher.join();
         let arr = arrivals.lock().unwrap().clone();
         let sent = sent.into_inner().unwrap();
-        let mut d: Vec<f64> = Vec::new();
-        for (i, s) in sent.iter().enumerate() {
-            if let (Some(s), Some(a)) = (s, arr.get(&format!("{dst_dir}d{i}"))) {
-                let ms = if *a >= *s {
-                    (*a - *s).as_secs_f64() * 1000.0
-                } else {
-                    -((*s - *a).as_secs_f64() * 1000.0)
-                };
-                d.push(ms);
-            }
-        }
-        d.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let d = delays(&sent, &arr, |i| format!("{dst_dir}d{i}"));
         let (p50, p99, max) = (
             percentile(&d, 0.5),
             percentile(&d, 0.99),
             d.last().copied().unwrap_or(f64::NAN),
         );
         let missing = count - d.len() as u64;
-        let mut res = json!({
-            "measurement": "delay",
-            "mode": mode.name,
-            "writes_per_s": rate,
-            "writes": count,
-            "samples": d.len(),
-            "missing_after_wait": missing,
-            "wait_seconds": wait,
-            "p50_ms": r3(p50),
-            "p99_ms": r3(p99),
-            "max_ms": r3(max),
-            "min_ms": d.first().copied().map(r3),
-            "method": "source write response instant -> arrival on a v3 watch (POST /v3/watch \
+        let mut res = delay_json(
+            mode.name,
+            json!(rate),
+            count,
+            json!(wait),
+            &d,
+            "source write response instant -> arrival on a v3 watch (POST /v3/watch \
                        stream) on the destination, one process, monotonic clock",
-        });
+        );
         self.row(
             &format!("delay {} {rate:.0}/s p50/p99/max", mode.name),
             format!("{p50:.2}/{p99:.2}/{max:.1} ms"),
