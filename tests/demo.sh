@@ -91,14 +91,14 @@ start_etcd() { # name client_port peer_port
 wait_etcd() { # name url
   local name=$1 url=$2 deadline=$((SECONDS + 10))
   while [ "$SECONDS" -lt "$deadline" ]; do
-    if http_get "$url/v2/keys/" 2>/dev/null | grep -q '"action":"get"'; then return 0; fi
+    if http_get "$url/v2/keys/" 2>/dev/null | grep '"action":"get"' >/dev/null; then return 0; fi
     sleep 0.1
   done
   tail -n 20 "$WORK/$name.log" >&2
   die "etcd '$name' did not answer on $url within 10 s (log above)"
 }
 
-say "etcd: $(etcd --version | head -n 1)"
+say "etcd: $(etcd --version | sed -n 1p)"
 say "starting source etcd on $SRC and destination etcd on $DST (data in $WORK)"
 start_etcd src "$SRC_C" "$SRC_P"
 start_etcd dst "$DST_C" "$DST_P"
