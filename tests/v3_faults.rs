@@ -9,16 +9,11 @@
 mod common;
 
 use common::proxy::{Faults, Proxy};
-use common::v3::{self, V3};
+use common::v3::{map_diff, Mode, Setup, DST, SRC, SUB, V3};
 use common::*;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-/// The mirrored source prefix, the destination prefix, and where the source prefix lands.
-const SRC: &str = "/app";
-const DST: &str = "/replica";
-const SUB: &str = "/replica/app";
 
 /// The shortest --watch-timeout: a quiet source (the last revisions outside the prefix)
 /// moves the stored index after it, so the tests that end that way use it.
@@ -36,159 +31,6 @@ const VALUES: &[&str] = &[
     "line1\nline2",
     "  padded  ",
 ];
-
-/// Which APIs the two sides speak.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Mode {
-    V2ToV3,
-    V3ToV3,
-}
-
-/// A source and a destination etcd, with v3 clients for both, mirrored in `mode`.
-struct Setup {
-    mode: Mode,
-    src: Etcd,
-    dst: Etcd,
-    /// The source's v3 gateway (v3 to v3 only).
-    s3: V3,
-    /// The destination's v3 gateway.
-    d3: V3,
-}
-
-impl Setup {
-    fn start(tag: &str, mode: Mode) -> Setup {
-        let tag = format!("{tag}-{mode:?}");
-        let src = Etcd::start(&format!("{tag}-src"));
-        let dst = Etcd::start(&format!("{tag}-dst"));
-        Setup {
-            mode,
-            s3: V3::new(&src.url),
-            d3: V3::new(&dst.url),
-            src,
-            dst,
-        }
-    }
-
-    /// The mirror's arguments: the API flags of `mode`, `--src-prefix /app`, then `extra`.
-    fn args<'a>(&self, extra: &[&'a str]) -> Vec<&'a str> {
-        let mut all = match self.mode {
-            Mode::V2ToV3 => vec!["--dst-api", "v3"],
-            Mode::V3ToV3 => vec!["--src-api", "v3", "--dst-api", "v3"],
-        };
-        all.extend(["--src-prefix", SRC]);
-        all.extend(extra);
-        all
-    }
-
-    /// Start a mirror reading the source directly and writing to `dst_url`.
-    fn mirror(&self, extra: &[&str], dst_url: &str) -> Mirror {
-        Mirror::start(&self.args(extra), &self.src.url, dst_url)
-    }
-
-    /// Run the binary (`extra` after the mode's flags) to its end: (exit code, stdout + stderr).
-    #[track_caller]
-    fn run(&self, extra: &[&str]) -> (i32, String) {
-        let mut m = self.mirror(extra, &self.dst.url);
-        let code = m.wait_exit(Duration::from_secs(90));
-        (code, m.stdout() + &m.stderr())
-    }
-
-    /// The source's index (v2) or revision (v3): what the stored index must end at.
-    fn src_index(&self) -> u64 {
-        match self.mode {
-            Mode::V2ToV3 => self.src.current_index(),
-            Mode::V3ToV3 => self.s3.revision(),
-        }
-    }
-
-    /// The replication index stored in the destination.
-    fn stored(&self) -> Option<u64> {
-        v3::replication_index(&self.d3, DST)
-    }
-
-    /// Store the source's current index: a mirror started now replicates what comes next.
-    fn set_index_now(&self) {
-        self.d3.put(&index_key(DST), &self.src_index().to_string());
-    }
-
-    /// The mirrored source keys and values, relative to `/app` (a v2 directory has no key).
-    fn src_tree(&self) -> BTreeMap<String, String> {
-        match self.mode {
-            Mode::V2ToV3 => v3::flat(&rel_tree(&self.src, SRC)),
-            Mode::V3ToV3 => below(&self.s3, SRC),
-        }
-    }
-
-    /// The replica's keys and values, relative to `/replica/app`.
-    fn dst_tree(&self) -> BTreeMap<String, String> {
-        below(&self.d3, SUB)
-    }
-
-    /// Put `value` at the source key `key` (under `/app`) with the mode's API.
-    fn src_put(&self, key: &str, value: &str) {
-        match self.mode {
-            Mode::V2ToV3 => drop(self.src.set(key, value)),
-            Mode::V3ToV3 => {
-                self.s3.put(key, value);
-            }
-        }
-    }
-
-    /// Wait (up to `bound`, the mirror alive throughout) until the stored index reaches the
-    /// source's, then until the trees are equal; the stored index must then be exactly the
-    /// source's.
-    #[track_caller]
-    fn synced(&self, m: &mut Mirror, bound: Duration, what: &str) {
-        let target = self.src_index();
-        m.wait_for(bound, &format!("index {target} stored ({what})"), || {
-            self.stored().is_some_and(|i| i >= target)
-        });
-        if !poll_until(Duration::from_secs(10), || {
-            self.src_tree() == self.dst_tree()
-        }) {
-            panic!(
-                "after {what}: source {SRC} and replica {SUB} differ (left = source): {}\n\
-                 etcdmirror stderr tail:\n{}",
-                map_diff(&self.src_tree(), &self.dst_tree()),
-                tail(&m.stderr(), 30)
-            );
-        }
-        assert_eq!(
-            self.stored(),
-            Some(self.src_index()),
-            "the stored index is not the source's ({what})"
-        );
-        m.assert_alive(what);
-    }
-
-    /// Every key of the destination (inside and outside the replica) with its value.
-    fn dst_everything(&self) -> BTreeMap<Vec<u8>, Vec<u8>> {
-        self.d3.range_bytes(b"")
-    }
-}
-
-/// The keys of `c` below `prefix` + "/", with `prefix` removed (so they start with "/").
-fn below(c: &V3, prefix: &str) -> BTreeMap<String, String> {
-    c.range_bytes(format!("{prefix}/").as_bytes())
-        .into_iter()
-        .map(|(k, v)| {
-            (
-                String::from_utf8(k[prefix.len()..].to_vec()).expect("utf-8 key"),
-                String::from_utf8(v).expect("utf-8 value"),
-            )
-        })
-        .collect()
-}
-
-/// `tree_diff` for flat trees.
-fn map_diff(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> String {
-    let opt = |m: &BTreeMap<String, String>| -> BTreeMap<String, Option<String>> {
-        m.iter()
-            .map(|(k, v)| (k.clone(), Some(v.clone())))
-            .collect()
-    };
-    tree_diff(&opt(a), &opt(b))
-}
 
 fn value(rng: &mut Rng) -> String {
     VALUES[rng.below(VALUES.len() as u64) as usize].to_string()

@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use super::{index_key, poll_until, rel_tree, tail, tree_diff, Etcd, Mirror};
+
 use serde_json::{json, Value};
 
 /// Standard padded base64, as the gateway wants it.
@@ -328,4 +330,162 @@ pub fn etcdctl_prefix(base: &str, prefix: &str) -> BTreeMap<String, String> {
         .chunks(2)
         .map(|kv| (kv[0].to_string(), kv.get(1).unwrap_or(&"").to_string()))
         .collect()
+}
+
+/// The mirrored source prefix, the destination prefix, and where the source prefix lands.
+pub const SRC: &str = "/app";
+pub const DST: &str = "/replica";
+pub const SUB: &str = "/replica/app";
+
+/// Which APIs the two sides speak.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Mode {
+    V2ToV3,
+    V3ToV3,
+}
+
+/// A source and a destination etcd, with v3 clients for both, mirrored in `mode`.
+pub struct Setup {
+    pub mode: Mode,
+    pub src: Etcd,
+    pub dst: Etcd,
+    /// The source's v3 gateway (v3 to v3 only).
+    pub s3: V3,
+    /// The destination's v3 gateway.
+    pub d3: V3,
+}
+
+impl Setup {
+    pub fn start(tag: &str, mode: Mode) -> Setup {
+        let tag = format!("{tag}-{mode:?}");
+        let src = Etcd::start(&format!("{tag}-src"));
+        let dst = Etcd::start(&format!("{tag}-dst"));
+        Setup {
+            mode,
+            s3: V3::new(&src.url),
+            d3: V3::new(&dst.url),
+            src,
+            dst,
+        }
+    }
+
+    /// The mirror's arguments: the API flags of `mode`, `--src-prefix /app`, then `extra`.
+    pub fn args<'a>(&self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut all = match self.mode {
+            Mode::V2ToV3 => vec!["--dst-api", "v3"],
+            Mode::V3ToV3 => vec!["--src-api", "v3", "--dst-api", "v3"],
+        };
+        all.extend(["--src-prefix", SRC]);
+        all.extend(extra);
+        all
+    }
+
+    /// Start a mirror reading the source directly and writing to `dst_url`.
+    pub fn mirror(&self, extra: &[&str], dst_url: &str) -> Mirror {
+        Mirror::start(&self.args(extra), &self.src.url, dst_url)
+    }
+
+    /// Run the binary (`extra` after the mode's flags) to its end: (exit code, stdout + stderr).
+    #[track_caller]
+    pub fn run(&self, extra: &[&str]) -> (i32, String) {
+        let mut m = self.mirror(extra, &self.dst.url);
+        let code = m.wait_exit(Duration::from_secs(90));
+        (code, m.stdout() + &m.stderr())
+    }
+
+    /// The source's index (v2) or revision (v3): what the stored index must end at.
+    pub fn src_index(&self) -> u64 {
+        match self.mode {
+            Mode::V2ToV3 => self.src.current_index(),
+            Mode::V3ToV3 => self.s3.revision(),
+        }
+    }
+
+    /// The replication index stored in the destination.
+    pub fn stored(&self) -> Option<u64> {
+        replication_index(&self.d3, DST)
+    }
+
+    /// Store the source's current index: a mirror started now replicates what comes next.
+    pub fn set_index_now(&self) {
+        self.d3.put(&index_key(DST), &self.src_index().to_string());
+    }
+
+    /// The mirrored source keys and values, relative to `/app` (a v2 directory has no key).
+    pub fn src_tree(&self) -> BTreeMap<String, String> {
+        match self.mode {
+            Mode::V2ToV3 => flat(&rel_tree(&self.src, SRC)),
+            Mode::V3ToV3 => below(&self.s3, SRC),
+        }
+    }
+
+    /// The replica's keys and values, relative to `/replica/app`.
+    pub fn dst_tree(&self) -> BTreeMap<String, String> {
+        below(&self.d3, SUB)
+    }
+
+    /// Put `value` at the source key `key` (under `/app`) with the mode's API.
+    pub fn src_put(&self, key: &str, value: &str) {
+        match self.mode {
+            Mode::V2ToV3 => drop(self.src.set(key, value)),
+            Mode::V3ToV3 => {
+                self.s3.put(key, value);
+            }
+        }
+    }
+
+    /// Wait (up to `bound`, the mirror alive throughout) until the stored index reaches the
+    /// source's, then until the trees are equal; the stored index must then be exactly the
+    /// source's.
+    #[track_caller]
+    pub fn synced(&self, m: &mut Mirror, bound: Duration, what: &str) {
+        let target = self.src_index();
+        m.wait_for(bound, &format!("index {target} stored ({what})"), || {
+            self.stored().is_some_and(|i| i >= target)
+        });
+        if !poll_until(Duration::from_secs(10), || {
+            self.src_tree() == self.dst_tree()
+        }) {
+            panic!(
+                "after {what}: source {SRC} and replica {SUB} differ (left = source): {}\n\
+                 etcdmirror stderr tail:\n{}",
+                map_diff(&self.src_tree(), &self.dst_tree()),
+                tail(&m.stderr(), 30)
+            );
+        }
+        assert_eq!(
+            self.stored(),
+            Some(self.src_index()),
+            "the stored index is not the source's ({what})"
+        );
+        m.assert_alive(what);
+    }
+
+    /// Every key of the destination (inside and outside the replica) with its value.
+    pub fn dst_everything(&self) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        self.d3.range_bytes(b"")
+    }
+}
+
+/// The keys of `c` below `prefix` + "/", with `prefix` removed (so they start with "/").
+pub fn below(c: &V3, prefix: &str) -> BTreeMap<String, String> {
+    c.range_bytes(format!("{prefix}/").as_bytes())
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8(k[prefix.len()..].to_vec()).expect("utf-8 key"),
+                String::from_utf8(v).expect("utf-8 value"),
+            )
+        })
+        .collect()
+}
+
+/// `tree_diff` for flat trees.
+pub fn map_diff(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> String {
+    let opt = |m: &BTreeMap<String, String>| -> BTreeMap<String, Option<String>> {
+        m.iter()
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect()
+    };
+    tree_diff(&opt(a), &opt(b))
 }
