@@ -242,9 +242,12 @@ pub struct Got {
     pub cluster_id: Option<String>,
 }
 
-/// The one retry policy: capped exponential back-off within a time budget.
+/// The one retry policy: capped exponential back-off within a time budget, counted from the
+/// first failure: a request that waited its whole answer timeout in vain is one failure, and
+/// still gets its retries.
 pub struct Backoff {
-    start: Instant,
+    /// When the first failure was reported (`failed`), or the first wait.
+    start: Option<Instant>,
     delay: Duration,
     budget: Duration,
 }
@@ -256,7 +259,7 @@ const MAX_DELAY: Duration = Duration::from_secs(5);
 impl Backoff {
     pub fn new(budget: Duration) -> Backoff {
         Backoff {
-            start: Instant::now(),
+            start: None,
             delay: FIRST_DELAY,
             budget,
         }
@@ -273,9 +276,15 @@ impl Backoff {
         Some(delay)
     }
 
+    /// A failure happened: the budget's clock starts now if it has not yet.
+    pub fn failed(&mut self) {
+        self.start.get_or_insert_with(Instant::now);
+    }
+
     /// Wait before the next attempt, or `None` (without waiting) once the budget is spent.
     pub fn wait(&mut self) -> Option<Duration> {
-        let delay = self.next_delay(self.start.elapsed())?;
+        let start = *self.start.get_or_insert_with(Instant::now);
+        let delay = self.next_delay(start.elapsed())?;
         std::thread::sleep(delay);
         Some(delay)
     }
@@ -325,6 +334,11 @@ pub struct Client {
     creds: Option<(String, String)>,
     token: RefCell<Option<String>>,
     retry_timeout: Duration,
+    /// How long a small answer (a write's, one key's) may stay silent, headers or body,
+    /// before the request counts as failed and is retried: `--watch-timeout`, the silence
+    /// the mirror already takes as proof elsewhere. etcd answers a write or a small read
+    /// within its own request timeout (7 s by default), with an error if need be.
+    answer_timeout: Duration,
     /// Set once the server has answered: a TLS failure before that is a configuration
     /// error, after it (a certificate rotated on the server) a transient fault.
     answered: Cell<bool>,
@@ -474,12 +488,14 @@ impl Client {
         side: &'static str,
         check_key: &str,
         retry_timeout: Duration,
+        answer_timeout: Duration,
     ) -> Client {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
-            // Generous on every phase: a source across an ocean still answers in time, and
-            // only a watch bounds the silence it waits for (`watch`).
+            // Generous on every phase: a source across an ocean still answers in time. A
+            // watch bounds the silence it waits for (`watch`), and so does a request whose
+            // answer is small (`answer_timeout`); these bound only full listings.
             .timeout_connect(Some(Duration::from_secs(10)))
             .timeout_send_request(Some(Duration::from_secs(30)))
             .timeout_send_body(Some(Duration::from_secs(60)))
@@ -521,6 +537,7 @@ impl Client {
                 .map(|(u, p)| (u.to_string(), p.to_string())),
             token: RefCell::new(None),
             retry_timeout,
+            answer_timeout,
             answered: Cell::new(false),
         }
     }
@@ -618,6 +635,7 @@ impl Client {
     /// `Err(Transient)` once waiting would pass the budget.
     pub fn failed(&self, f: &mut Failures, what: &str, why: &str) -> Result<()> {
         let from = self.name().to_string();
+        f.backoff.failed();
         f.in_round = f.in_round.saturating_add(1);
         if f.in_round < self.members.len() {
             warn!("{what} on {from} failed ({why}); trying the next member");
@@ -923,15 +941,18 @@ impl Client {
     }
 
     /// One request/response exchange: status, body, and the headers that matter.
-    /// Transient faults come back as `Err(Retry)`.
+    /// Transient faults come back as `Err(Retry)`. A `small` answer may stay silent for
+    /// `answer_timeout` at most; a listing gets the agent's generous timeouts.
     fn exchange<T>(
         &self,
         method: &str,
         url: &str,
         body: Option<String>,
+        small: bool,
     ) -> std::result::Result<(u16, Vec<u8>, Got), Attempt<T>> {
+        let idle = small.then_some(self.answer_timeout);
         let mut resp = self
-            .request(method, url, body, None)
+            .request(method, url, body, idle)
             .map_err(|e| failed(e, self.name(), self.answered.get()))?;
         let status = resp.status().as_u16();
         let index = header_u64(&resp, "x-etcd-index").unwrap_or(0);
@@ -960,7 +981,7 @@ impl Client {
         let url = Self::target(key, &query);
         let what = format!("GET {key}");
         let (got, _) = self.retrying(&what, || {
-            let (status, body, mut got) = match self.exchange("GET", &url, None) {
+            let (status, body, mut got) = match self.exchange("GET", &url, None, !recursive) {
                 Ok(r) => r,
                 Err(a) => return a,
             };
@@ -993,7 +1014,7 @@ impl Client {
         what: &str,
     ) -> Result<(Written, bool)> {
         self.retrying(what, || {
-            let (status, body, _) = match self.exchange(method, url, body.clone()) {
+            let (status, body, _) = match self.exchange(method, url, body.clone(), true) {
                 Ok(r) => r,
                 Err(a) => return a,
             };
@@ -1265,10 +1286,11 @@ impl Client {
                 Err(Failure::Retry(why)) => return Attempt::Retry(why),
                 Err(Failure::Fatal(e)) => return Attempt::Fatal(e),
             }
-            let (status, body, _) = match self.exchange("POST", &target, Some(body.to_string())) {
-                Ok(r) => r,
-                Err(a) => return a,
-            };
+            let (status, body, _) =
+                match self.exchange("POST", &target, Some(body.to_string()), path != "kv/range") {
+                    Ok(r) => r,
+                    Err(a) => return a,
+                };
             if status == 200 {
                 return match serde_json::from_slice::<Value>(&body) {
                     Ok(v) => Attempt::Ok(Ok(v)),
@@ -1424,6 +1446,7 @@ mod tests {
             "source",
             "/x",
             budget,
+            Duration::from_secs(5),
         )
     }
 

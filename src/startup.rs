@@ -260,6 +260,7 @@ pub fn clients(cfg: &Config, budget: Duration, probe: Duration) -> Result<(Clien
         "source",
         &keys::join(&cfg.keys.src_prefix, "_etcdmirror_member_check"),
         budget,
+        cfg.watch_timeout,
     );
     let dst = Client::new(
         &cfg.dst,
@@ -267,6 +268,7 @@ pub fn clients(cfg: &Config, budget: Duration, probe: Duration) -> Result<(Clien
         "destination",
         &cfg.keys.index_key(),
         budget,
+        cfg.watch_timeout,
     );
     // A member that does not answer this soon is checked when the mirror moves to it.
     let survey_timeout = probe.min(Duration::from_secs(3));

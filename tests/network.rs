@@ -2,8 +2,9 @@
 //! and a real source: response bodies held back 0.2 s, 2 s and 10 s after their headers (at
 //! start, during catch-up, live), a source 60 ms and 150 ms away each way, a stored index
 //! ahead of the source (at start, and after the source is replaced mid-run), connection reuse
-//! while idle, black holes longer and shorter than --retry-timeout, and dropped watch
-//! responses. Throughout, the recorded index must never pass a write that did not arrive.
+//! while idle, black holes longer and shorter than --retry-timeout (on the source and on the
+//! destination), and dropped watch responses. Throughout, the recorded index must never pass
+//! a write that did not arrive.
 
 mod common;
 
@@ -330,6 +331,66 @@ fn a_black_hole_of_2s_is_ridden_out() {
         &pair,
         &check,
         Duration::from_secs(60),
+        "after the hole",
+    );
+}
+
+/// A mirror synced on one key, then the proxy in front of the destination turned into a
+/// black hole while `during` keys are written on the source: their writes (or the answers)
+/// are swallowed.
+fn destination_into_a_black_hole(tag: &str) -> (Pair, NoSkip, Proxy, Mirror) {
+    let pair = Pair::start(tag);
+    let check = NoSkip::start(&pair.dst, DST);
+    let proxy = Proxy::start_with(pair.dst.addr(), Faults::default());
+    set_replication_index(&pair.dst, DST, pair.src.current_index());
+    let mut m = Mirror::start(&HOLE_ARGS, &pair.src.url, &proxy.url());
+    write(&pair, &check, "/p/before", "before the black hole");
+    synced(&mut m, &pair, &check, Duration::from_secs(30), "before");
+    proxy.set(Faults {
+        black_hole: true,
+        ..Faults::default()
+    });
+    for i in 0..3 {
+        write(
+            &pair,
+            &check,
+            &format!("/p/during{i}"),
+            "during the black hole",
+        );
+    }
+    (pair, check, proxy, m)
+}
+
+#[test]
+fn a_destination_black_hole_of_2s_is_ridden_out() {
+    let (pair, check, proxy, mut m) = destination_into_a_black_hole("dst-hole-short");
+    let start = Instant::now();
+    m.wait_for(Duration::from_secs(5), "the 2 s black hole", || {
+        start.elapsed() >= Duration::from_secs(2)
+    });
+    proxy.set(Faults::default());
+    write(&pair, &check, "/p/after", "after the black hole");
+    // A swallowed answer is retried after --watch-timeout (5 s here) of silence.
+    synced(
+        &mut m,
+        &pair,
+        &check,
+        Duration::from_secs(60),
+        "after the hole",
+    );
+}
+
+#[test]
+fn a_destination_black_hole_longer_than_the_retry_timeout_ends_in_exit_1_and_loses_nothing() {
+    let (pair, check, proxy, mut m) = destination_into_a_black_hole("dst-hole-long");
+    assert_eq!(m.wait_exit(Duration::from_secs(90)), 1);
+    proxy.set(Faults::default());
+    m = Mirror::start(&HOLE_ARGS, &pair.src.url, &proxy.url());
+    synced(
+        &mut m,
+        &pair,
+        &check,
+        Duration::from_secs(30),
         "after the hole",
     );
 }
