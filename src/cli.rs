@@ -31,8 +31,9 @@ Replication:
       --strip                      remove the source prefix before adding the destination prefix
       --src-ignore-keys-regex RE   never write source keys that fully match RE (they still
                                    advance the replication index)
-      --watch-timeout SECS         silence that proves no event is coming, and how often a quiet
-                                   watch is renewed; at least 5 [default: 15]
+      --watch-timeout SECS         silence that proves no event is coming, how often a quiet
+                                   watch is renewed, and how long a write's answer may stay
+                                   silent before it is retried; at least 5 [default: 15]
       --retry-timeout SECS         retry transient faults this long, then exit 1 [default: 60]
       --src-api v2|v3              the API SRC is read with [default: v2]
       --dst-api v2|v3              the API DST is written with [default: v2]; the combinations

@@ -17,7 +17,7 @@ mapfile -t bins < <(printf '%s\n' "$built" | sed -n 's/^ *Executable .*(\(.*\))$
 
 # The longest first, so that the two lanes end close together (times measured with
 # `make test` on 2 cores; the others take seconds).
-order='window v3_faults network crash reload mapping shapes members values faults production replication v3'
+order='window v3_faults v3_network network crash reload mapping shapes members values faults production replication v3'
 sorted=()
 for stem in $order; do
   for b in "${bins[@]}"; do
