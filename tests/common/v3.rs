@@ -77,9 +77,17 @@ pub struct V3 {
 
 impl V3 {
     pub fn new(base: &str) -> V3 {
-        let config = ureq::Agent::config_builder()
+        Self::with_tls(base, None)
+    }
+
+    /// A client for an https:// server: trusts only `tls.ca` and presents `tls.client_*`.
+    pub fn with_tls(base: &str, tls: Option<&super::TlsFiles>) -> V3 {
+        let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)));
+        if let Some(t) = tls {
+            config = config.tls_config(t.ureq_config());
+        }
         V3 {
             base: base.trim_end_matches('/').to_string(),
             agent: ureq::Agent::new_with_config(config.build()),
