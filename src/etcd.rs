@@ -290,6 +290,15 @@ impl Backoff {
     }
 }
 
+/// How large an answer can be, which sets how long it may stay silent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// A write's, one key's, a count: silent for `answer_timeout` at most.
+    Small,
+    /// A listing (a recursive GET, a page of a range): the agent's generous timeouts.
+    Listing,
+}
+
 /// What one attempt of a request produced.
 enum Attempt<T> {
     Retry(String),
@@ -941,16 +950,15 @@ impl Client {
     }
 
     /// One request/response exchange: status, body, and the headers that matter.
-    /// Transient faults come back as `Err(Retry)`. A `small` answer may stay silent for
-    /// `answer_timeout` at most; a listing gets the agent's generous timeouts.
+    /// Transient faults come back as `Err(Retry)`.
     fn exchange<T>(
         &self,
         method: &str,
         url: &str,
         body: Option<String>,
-        small: bool,
+        answer: Answer,
     ) -> std::result::Result<(u16, Vec<u8>, Got), Attempt<T>> {
-        let idle = small.then_some(self.answer_timeout);
+        let idle = (answer == Answer::Small).then_some(self.answer_timeout);
         let mut resp = self
             .request(method, url, body, idle)
             .map_err(|e| failed(e, self.name(), self.answered.get()))?;
@@ -979,9 +987,14 @@ impl Client {
             Vec::new()
         };
         let url = Self::target(key, &query);
+        let answer = if recursive {
+            Answer::Listing
+        } else {
+            Answer::Small
+        };
         let what = format!("GET {key}");
         let (got, _) = self.retrying(&what, || {
-            let (status, body, mut got) = match self.exchange("GET", &url, None, !recursive) {
+            let (status, body, mut got) = match self.exchange("GET", &url, None, answer) {
                 Ok(r) => r,
                 Err(a) => return a,
             };
@@ -1014,7 +1027,7 @@ impl Client {
         what: &str,
     ) -> Result<(Written, bool)> {
         self.retrying(what, || {
-            let (status, body, _) = match self.exchange(method, url, body.clone(), true) {
+            let (status, body, _) = match self.exchange(method, url, body.clone(), Answer::Small) {
                 Ok(r) => r,
                 Err(a) => return a,
             };
@@ -1277,6 +1290,7 @@ impl Client {
         &self,
         path: &str,
         body: &str,
+        answer: Answer,
         what: &str,
     ) -> Result<(std::result::Result<Value, GrpcError>, bool)> {
         let target = format!("/v3/{path}");
@@ -1287,7 +1301,7 @@ impl Client {
                 Err(Failure::Fatal(e)) => return Attempt::Fatal(e),
             }
             let (status, body, _) =
-                match self.exchange("POST", &target, Some(body.to_string()), path != "kv/range") {
+                match self.exchange("POST", &target, Some(body.to_string()), answer) {
                     Ok(r) => r,
                     Err(a) => return a,
                 };

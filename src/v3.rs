@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use crate::endpoint::{base64, unbase64};
 use crate::error::{Error, Result};
-use crate::etcd::{read_line, Client, GrpcError, Line, GRPC_OUT_OF_RANGE};
+use crate::etcd::{read_line, Answer, Client, GrpcError, Line, GRPC_OUT_OF_RANGE};
 
 /// A key as the gateway returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,7 +149,13 @@ impl Range<'_> {
                     json!(self.min_mod.to_string()),
                 );
             }
-            let (answer, _) = c.call_v3("kv/range", &body.to_string(), &what)?;
+            // A page of up to 1000 values is a listing; a limit is set only for a few keys.
+            let size = if self.limit > 0 {
+                Answer::Small
+            } else {
+                Answer::Listing
+            };
+            let (answer, _) = c.call_v3("kv/range", &body.to_string(), size, &what)?;
             let v = match answer {
                 Ok(v) => v,
                 Err(e) => return Ok(Err(e)),
@@ -196,7 +202,7 @@ pub fn count(
     if at > 0 {
         set(&mut body, "revision", json!(at.to_string()));
     }
-    let (answer, _) = c.call_v3("kv/range", &body.to_string(), &what)?;
+    let (answer, _) = c.call_v3("kv/range", &body.to_string(), Answer::Small, &what)?;
     Ok(match answer {
         Ok(v) => Ok((
             num(&v, "count").map_err(|e| malformed(c, &what, &e))?,
@@ -224,7 +230,7 @@ pub fn get(c: &Client, key: &[u8]) -> Result<Option<Kv>> {
 /// The cluster's id, in hex as v2's `X-Etcd-Cluster-Id` writes it.
 pub fn cluster_id(c: &Client) -> Result<String> {
     let what = "status";
-    let (answer, _) = c.call_v3("maintenance/status", "{}", what)?;
+    let (answer, _) = c.call_v3("maintenance/status", "{}", Answer::Small, what)?;
     let v = answer.map_err(|e| c.v3_refusal(what, &e))?;
     let id = v
         .get("header")
@@ -316,7 +322,7 @@ pub fn txn(
         "success": writes.iter().map(Write::json).collect::<Vec<_>>(),
         "failure": failure,
     });
-    let (answer, retried) = c.call_v3("kv/txn", &body.to_string(), what)?;
+    let (answer, retried) = c.call_v3("kv/txn", &body.to_string(), Answer::Small, what)?;
     let v = answer.map_err(|e| c.v3_refusal(what, &e))?;
     if v.get("succeeded").and_then(Value::as_bool).unwrap_or(false) {
         return Ok((TxnOutcome::Done, retried));

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::proxy::{Faults, Proxy};
+use common::proxy::{Faults, Proxy, Side};
 use common::*;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -272,127 +272,106 @@ const HOLE_ARGS: [&str; 6] = [
     "5",
 ];
 
-/// A mirror through the proxy, synced on one key, then the proxy turned into a black hole.
-fn into_a_black_hole(tag: &str) -> (Pair, NoSkip, Proxy, Mirror) {
-    let pair = Pair::start(tag);
+/// A mirror with the proxy in front of `side`, synced on one key, then the proxy turned into
+/// a black hole: (the servers, the index check, the proxy, the mirror, its SRC and DST).
+fn into_a_black_hole(tag: &str, side: Side) -> (Pair, NoSkip, Proxy, Mirror, [String; 2]) {
+    let pair = Pair::start(&format!("{tag}-{side:?}"));
     let check = NoSkip::start(&pair.dst, DST);
-    let proxy = Proxy::start_with(pair.src.addr(), Faults::default());
-    let mut m = mirror_from_now(&pair, &proxy, &HOLE_ARGS);
+    let (proxy, urls) = match side {
+        Side::Source => {
+            let p = Proxy::start_with(pair.src.addr(), Faults::default());
+            let urls = [p.url(), pair.dst.url.clone()];
+            (p, urls)
+        }
+        Side::Destination => {
+            let p = Proxy::start_with(pair.dst.addr(), Faults::default());
+            let urls = [pair.src.url.clone(), p.url()];
+            (p, urls)
+        }
+    };
+    set_replication_index(&pair.dst, DST, pair.src.current_index());
+    let mut m = Mirror::start(&HOLE_ARGS, &urls[0], &urls[1]);
     write(&pair, &check, "/p/before", "before the black hole");
     synced(&mut m, &pair, &check, Duration::from_secs(30), "before");
     proxy.set(Faults {
         black_hole: true,
         ..Faults::default()
     });
-    (pair, check, proxy, m)
+    (pair, check, proxy, m, urls)
 }
 
-#[test]
-fn a_black_hole_longer_than_the_retry_timeout_ends_in_exit_1_and_loses_nothing() {
-    let (pair, check, proxy, mut m) = into_a_black_hole("black-hole-long");
+/// A black hole longer than --retry-timeout on `side`, with a write made in it: exit 1 (the
+/// network, not an inconsistency), then a restart once it is gone replicates the write.
+fn long_black_hole(side: Side) {
+    let (pair, check, proxy, mut m, urls) = into_a_black_hole("black-hole-long", side);
     let started = Instant::now();
     write(&pair, &check, "/p/during", "during the black hole");
     assert_eq!(m.wait_exit(Duration::from_secs(90)), 1);
     eprintln!("exit 1 after {:?} in the black hole", started.elapsed());
 
     proxy.set(Faults::default());
-    m = Mirror::start(&HOLE_ARGS, &proxy.url(), &pair.dst.url);
+    m = Mirror::start(&HOLE_ARGS, &urls[0], &urls[1]);
     synced(
         &mut m,
         &pair,
         &check,
         Duration::from_secs(30),
+        "after the hole",
+    );
+}
+
+#[test]
+fn a_black_hole_longer_than_the_retry_timeout_ends_in_exit_1_and_loses_nothing() {
+    long_black_hole(Side::Source);
+}
+
+#[test]
+fn a_destination_black_hole_longer_than_the_retry_timeout_ends_in_exit_1_and_loses_nothing() {
+    long_black_hole(Side::Destination);
+}
+
+/// A 2 s black hole on `side` is ridden out. On the source, only a write outside the
+/// prefix happens in it: the proxy's black hole loses swallowed bytes for good (TCP would
+/// retransmit them), so an event on an open stream could be lost whatever the mirror does.
+/// On the destination, the writes (or their answers) swallowed are retried once silent for
+/// --watch-timeout (5 s here).
+fn short_black_hole(side: Side) {
+    let (pair, check, proxy, mut m, _) = into_a_black_hole("black-hole-short", side);
+    match side {
+        Side::Source => drop(pair.src.set("/x/during", "outside the prefix")),
+        Side::Destination => {
+            for i in 0..3 {
+                let key = format!("/p/during{i}");
+                write(&pair, &check, &key, "during the black hole");
+            }
+        }
+    }
+    let start = Instant::now();
+    m.wait_for(Duration::from_secs(5), "the 2 s black hole", || {
+        start.elapsed() >= Duration::from_secs(2)
+    });
+    proxy.set(Faults::default());
+    for i in 0..3 {
+        let key = format!("/p/after{i}");
+        write(&pair, &check, &key, "after the black hole");
+    }
+    synced(
+        &mut m,
+        &pair,
+        &check,
+        Duration::from_secs(60),
         "after the hole",
     );
 }
 
 #[test]
 fn a_black_hole_of_2s_is_ridden_out() {
-    let (pair, check, proxy, mut m) = into_a_black_hole("black-hole-short");
-    // Only outside the prefix: the proxy's black hole loses swallowed bytes for good (TCP
-    // would retransmit them), so an event on an open stream could be lost whatever the
-    // mirror does.
-    pair.src.set("/x/during", "outside the prefix");
-    let start = Instant::now();
-    m.wait_for(Duration::from_secs(5), "the 2 s black hole", || {
-        start.elapsed() >= Duration::from_secs(2)
-    });
-    proxy.set(Faults::default());
-    for i in 0..3 {
-        write(
-            &pair,
-            &check,
-            &format!("/p/after{i}"),
-            "after the black hole",
-        );
-    }
-    synced(
-        &mut m,
-        &pair,
-        &check,
-        Duration::from_secs(60),
-        "after the hole",
-    );
-}
-
-/// A mirror synced on one key, then the proxy in front of the destination turned into a
-/// black hole while `during` keys are written on the source: their writes (or the answers)
-/// are swallowed.
-fn destination_into_a_black_hole(tag: &str) -> (Pair, NoSkip, Proxy, Mirror) {
-    let pair = Pair::start(tag);
-    let check = NoSkip::start(&pair.dst, DST);
-    let proxy = Proxy::start_with(pair.dst.addr(), Faults::default());
-    set_replication_index(&pair.dst, DST, pair.src.current_index());
-    let mut m = Mirror::start(&HOLE_ARGS, &pair.src.url, &proxy.url());
-    write(&pair, &check, "/p/before", "before the black hole");
-    synced(&mut m, &pair, &check, Duration::from_secs(30), "before");
-    proxy.set(Faults {
-        black_hole: true,
-        ..Faults::default()
-    });
-    for i in 0..3 {
-        write(
-            &pair,
-            &check,
-            &format!("/p/during{i}"),
-            "during the black hole",
-        );
-    }
-    (pair, check, proxy, m)
+    short_black_hole(Side::Source);
 }
 
 #[test]
 fn a_destination_black_hole_of_2s_is_ridden_out() {
-    let (pair, check, proxy, mut m) = destination_into_a_black_hole("dst-hole-short");
-    let start = Instant::now();
-    m.wait_for(Duration::from_secs(5), "the 2 s black hole", || {
-        start.elapsed() >= Duration::from_secs(2)
-    });
-    proxy.set(Faults::default());
-    write(&pair, &check, "/p/after", "after the black hole");
-    // A swallowed answer is retried after --watch-timeout (5 s here) of silence.
-    synced(
-        &mut m,
-        &pair,
-        &check,
-        Duration::from_secs(60),
-        "after the hole",
-    );
-}
-
-#[test]
-fn a_destination_black_hole_longer_than_the_retry_timeout_ends_in_exit_1_and_loses_nothing() {
-    let (pair, check, proxy, mut m) = destination_into_a_black_hole("dst-hole-long");
-    assert_eq!(m.wait_exit(Duration::from_secs(90)), 1);
-    proxy.set(Faults::default());
-    m = Mirror::start(&HOLE_ARGS, &pair.src.url, &proxy.url());
-    synced(
-        &mut m,
-        &pair,
-        &check,
-        Duration::from_secs(30),
-        "after the hole",
-    );
+    short_black_hole(Side::Destination);
 }
 
 #[test]

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::proxy::{Faults, Proxy};
+use common::proxy::{Faults, Proxy, Side};
 use common::v3::{Mode, Setup, SRC};
 use common::*;
 use std::sync::atomic::Ordering;
@@ -161,13 +161,6 @@ fn a_v3_source_150ms_away_each_way_is_mirrored() {
 
 /// Short budgets for the black-hole tests.
 const HOLE: [&str; 4] = ["--retry-timeout", "5", "--watch-timeout", "5"];
-
-/// Which side the proxy stands in front of.
-#[derive(Clone, Copy, Debug)]
-enum Side {
-    Source,
-    Destination,
-}
 
 /// A mirror (v3 to v3) with the proxy in front of `side`, synced on one key.
 fn proxied(tag: &str, side: Side) -> (Setup, Proxy, Mirror, String, String) {

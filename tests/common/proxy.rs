@@ -58,6 +58,13 @@ impl Faults {
     }
 }
 
+/// Which side of the mirror a proxy stands in front of.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Side {
+    Source,
+    Destination,
+}
+
 /// Forwards 127.0.0.1:port to an upstream address with the configured [`Faults`], which can be
 /// changed at any time with [`Proxy::set`]. Counts accepted connections and GET requests.
 pub struct Proxy {
