@@ -1224,7 +1224,10 @@ impl Client {
                 "POST",
                 "/v3/auth/authenticate",
                 Some(body),
-                |r| r,
+                |r| {
+                    r.timeout_recv_body(None)
+                        .timeout_per_read(Some(self.answer_timeout))
+                },
             )
             .map_err(
                 |e| match failed::<()>(e, self.name(), self.answered.get()) {
