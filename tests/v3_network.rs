@@ -3,7 +3,8 @@
 //! 2 s and 10 s after their headers (at start, catching up, live), a source 60 ms and 150 ms
 //! away each way with jitter, revisions outside the prefix moving a quiet mirror's index at a
 //! distance, black holes shorter and longer than --retry-timeout on either side, a dropped
-//! watch answer, and connection reuse while idle. The same faults on a v2 source are
+//! watch answer, connection reuse while idle, and a stored revision ahead of the source (at
+//! start, and after the source is replaced mid-run). The same faults on a v2 source are
 //! tests/network.rs's.
 
 mod common;
@@ -304,4 +305,52 @@ fn an_idle_v3_mirror_reuses_its_source_connections() {
     );
     writes(&s, "after", 1);
     s.synced(&mut m, Duration::from_secs(30), "after idling");
+}
+
+#[track_caller]
+fn assert_says_ahead(m: &Mirror) {
+    let log = m.stderr();
+    assert!(
+        log.contains("ahead of the source") && log.contains("--reload --dry-run"),
+        "the message must say the index is ahead of the source and suggest \
+         --reload --dry-run:\n{}",
+        tail(&log, 10)
+    );
+}
+
+#[test]
+fn a_stored_revision_ahead_of_the_v3_source_stops_the_mirror_at_start() {
+    let s = Setup::start("v3-ahead-at-start", Mode::V3ToV3);
+    let ahead = s.src_index() + 1000;
+    s.d3.put(&index_key("/replica"), &ahead.to_string());
+    let mut m = s.mirror(&["--watch-timeout", "5"], &s.dst.url);
+    assert_eq!(m.wait_exit(Duration::from_secs(30)), 3);
+    assert_says_ahead(&m);
+    assert_eq!(s.stored(), Some(ahead), "the index was left as it was");
+}
+
+/// The source behind the proxy replaced mid-run by a fresh cluster whose revision is below
+/// the stored one (a source rebuilt from nothing): exit 3, the index left as it was.
+#[test]
+fn a_v3_source_replaced_mid_run_by_one_behind_the_stored_revision_stops_the_mirror() {
+    let s = Setup::start("v3-ahead-mid-run", Mode::V3ToV3);
+    let proxy = Proxy::start_with(s.src.addr(), Faults::default());
+    let args = ["--watch-timeout", "5"];
+    let mut m = mirror_from_now(&s, &args, &proxy.url(), &s.dst.url);
+    writes(&s, "k", 30);
+    s.synced(&mut m, Duration::from_secs(30), "writes");
+    let stored = s.stored().expect("an index");
+
+    let fresh = Etcd::start("v3-ahead-mid-run-new");
+    let fresh3 = common::v3::V3::new(&fresh.url);
+    assert!(fresh3.revision() < stored, "the new source must be behind");
+    proxy.set_upstream(fresh.addr());
+    proxy.set(Faults {
+        reset: true,
+        ..Faults::default()
+    });
+    proxy.set(Faults::default());
+    assert_eq!(m.wait_exit(Duration::from_secs(60)), 3);
+    assert_says_ahead(&m);
+    assert_eq!(s.stored(), Some(stored), "the index was left as it was");
 }
