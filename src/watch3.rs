@@ -108,7 +108,11 @@ impl<'a> Watch3<'a> {
                 Ok(Next::Quiet) => {
                     debug!("no byte from the watch for {:?}: renewing it", self.idle);
                     self.stream = None;
-                    if let Some(r) = self.quiet_until(applied)? {
+                    let proof = self.quiet_until(applied)?;
+                    // The source answered the proof's reads: a fault before the quiet period
+                    // is over, and the next one gets the whole budget.
+                    self.failures = self.src.failures();
+                    if let Some(r) = proof {
                         return Ok(Arrival::Quiet(r));
                     }
                 }

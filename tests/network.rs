@@ -3,7 +3,7 @@
 //! start, during catch-up, live), a source 60 ms and 150 ms away each way, a stored index
 //! ahead of the source (at start, and after the source is replaced mid-run), connection reuse
 //! while idle, black holes longer and shorter than --retry-timeout (on the source and on the
-//! destination), and dropped watch responses. Throughout, the recorded index must never pass
+//! destination), watch connections cut twice far apart, and dropped watch responses. Throughout, the recorded index must never pass
 //! a write that did not arrive.
 
 mod common;
@@ -372,6 +372,37 @@ fn a_black_hole_of_2s_is_ridden_out() {
 #[test]
 fn a_destination_black_hole_of_2s_is_ridden_out() {
     short_black_hole(Side::Destination);
+}
+
+/// A quiet source whose watch connection is cut twice, the second time long after the first
+/// (more than --retry-timeout of quiet in between): each cut gets the whole retry budget.
+#[test]
+fn watch_cuts_far_apart_each_get_the_whole_retry_budget() {
+    let pair = Pair::start("cuts-apart");
+    let check = NoSkip::start(&pair.dst, DST);
+    let proxy = Proxy::start_with(pair.src.addr(), Faults::default());
+    let mut m = mirror_from_now(&pair, &proxy, &HOLE_ARGS);
+    write(&pair, &check, "/p/before", "before the cuts");
+    synced(&mut m, &pair, &check, Duration::from_secs(30), "before");
+    for _ in 0..2 {
+        proxy.set(Faults {
+            reset: true,
+            ..Faults::default()
+        });
+        proxy.set(Faults::default());
+        let start = Instant::now();
+        m.wait_for(Duration::from_secs(20), "a quiet period", || {
+            start.elapsed() >= Duration::from_secs(12)
+        });
+    }
+    write(&pair, &check, "/p/after", "after the cuts");
+    synced(
+        &mut m,
+        &pair,
+        &check,
+        Duration::from_secs(30),
+        "after the cuts",
+    );
 }
 
 #[test]

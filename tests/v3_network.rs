@@ -3,8 +3,8 @@
 //! 2 s and 10 s after their headers (at start, catching up, live), a source 60 ms and 150 ms
 //! away each way with jitter, revisions outside the prefix moving a quiet mirror's index at a
 //! distance, black holes shorter and longer than --retry-timeout on either side, a dropped
-//! watch answer, connection reuse while idle, and a stored revision ahead of the source (at
-//! start, and after the source is replaced mid-run). The same faults on a v2 source are
+//! watch answer, watch connections cut twice far apart, connection reuse while idle, and a
+//! stored revision ahead of the source (at start, and after the source is replaced mid-run). The same faults on a v2 source are
 //! tests/network.rs's.
 
 mod common;
@@ -353,4 +353,34 @@ fn a_v3_source_replaced_mid_run_by_one_behind_the_stored_revision_stops_the_mirr
     assert_eq!(m.wait_exit(Duration::from_secs(60)), 3);
     assert_says_ahead(&m);
     assert_eq!(s.stored(), Some(stored), "the index was left as it was");
+}
+
+/// A quiet v3 source whose watch connection is cut twice, the second time long after the
+/// first (more than --retry-timeout of quiet in between): each cut is a fresh fault with its
+/// own retry budget, not the continuation of the first.
+#[test]
+fn v3_watch_cuts_far_apart_each_get_the_whole_retry_budget() {
+    let s = Setup::start("v3-cuts-apart", Mode::V3ToV3);
+    let proxy = Proxy::start_with(s.src.addr(), Faults::default());
+    let mut m = mirror_from_now(&s, &HOLE, &proxy.url(), &s.dst.url);
+    writes(&s, "before", 1);
+    s.synced(&mut m, Duration::from_secs(30), "before the cuts");
+    let cut = || {
+        proxy.set(Faults {
+            reset: true,
+            ..Faults::default()
+        });
+        proxy.set(Faults::default());
+    };
+    // No event in between: only the quiet renewals show the source answering.
+    for _ in 0..2 {
+        cut();
+        // Quiet for longer than --retry-timeout (5 s) plus a renewal (--watch-timeout 5 s).
+        let start = Instant::now();
+        m.wait_for(Duration::from_secs(20), "a quiet period", || {
+            start.elapsed() >= Duration::from_secs(12)
+        });
+    }
+    writes(&s, "after", 2);
+    s.synced(&mut m, Duration::from_secs(30), "after the cuts");
 }
