@@ -3,8 +3,8 @@
 //! start, during catch-up, live), a source 60 ms and 150 ms away each way, a stored index
 //! ahead of the source (at start, and after the source is replaced mid-run), connection reuse
 //! while idle, black holes longer and shorter than --retry-timeout (on the source and on the
-//! destination), watch connections cut twice far apart, and dropped watch responses. Throughout, the recorded index must never pass
-//! a write that did not arrive.
+//! destination), watch connections cut twice far apart, and dropped watch responses.
+//! Throughout, the recorded index must never pass a write that did not arrive.
 
 mod common;
 
