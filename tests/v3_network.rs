@@ -282,8 +282,8 @@ fn a_dropped_v3_watch_answer_is_retried_and_loses_nothing() {
 
 #[test]
 fn an_idle_v3_mirror_reuses_its_source_connections() {
-    // The default --watch-timeout: a quiet watch is renewed every 15 s, with a quiet proof
-    // (two ranges) on a pooled connection.
+    // The default --watch-timeout: a quiet watch is renewed every 15 s, and its quiet proof
+    // (three small reads) goes over pooled connections; measured: 1 new connection in 30 s.
     const IDLE_SECS: u64 = 30;
     const WATCH_TIMEOUT_SECS: u64 = 15;
     let s = Setup::start("v3-idle-conns", Mode::V3ToV3);
@@ -300,7 +300,7 @@ fn an_idle_v3_mirror_reuses_its_source_connections() {
     let opened = proxy.conns.load(Ordering::SeqCst) - before;
     println!("{opened} source connections opened in {IDLE_SECS} s of idling");
     assert!(
-        opened <= 2 * (IDLE_SECS / WATCH_TIMEOUT_SECS) + 2,
+        opened <= IDLE_SECS / WATCH_TIMEOUT_SECS + 2,
         "{opened} source connections opened in {IDLE_SECS} s with nothing to replicate"
     );
     writes(&s, "after", 1);
