@@ -1,5 +1,6 @@
 //! etcd v3 support (issue 10) through a faulty network, on real etcd 3.4, with the fault proxy
-//! between the mirror and a v3 source or a v3 destination: response bodies held back 0.2 s,
+//! between the mirror and a v3 source or a v3 destination (and a v2 source mirrored into v3,
+//! for held bodies and distance): response bodies held back 0.2 s,
 //! 2 s and 10 s after their headers (at start, catching up, live), a source 60 ms and 150 ms
 //! away each way with jitter, revisions outside the prefix moving a quiet mirror's index at a
 //! distance, black holes shorter and longer than --retry-timeout on either side, a dropped
@@ -37,11 +38,11 @@ fn mirror_from_now(s: &Setup, extra: &[&str], src_url: &str, dst_url: &str) -> M
     Mirror::start(&s.args(extra), src_url, dst_url)
 }
 
-/// v3 source bodies (the watch's and the ranges') held back `hold` after their headers: an
+/// Source bodies (the watch's and the reads') held back `hold` after their headers: an
 /// event that waited for the start, a catch-up after a kill over prefix and outside writes,
 /// live writes. Silence after a watch's headers is not proof that no event is coming.
-fn held_source_bodies(hold: Duration) {
-    let s = Setup::start(&format!("v3-held-{}ms", hold.as_millis()), Mode::V3ToV3);
+fn held_source_bodies(mode: Mode, hold: Duration) {
+    let s = Setup::start(&format!("v3-held-{}ms", hold.as_millis()), mode);
     let proxy = Proxy::start_with(
         s.src.addr(),
         Faults {
@@ -70,17 +71,22 @@ fn held_source_bodies(hold: Duration) {
 
 #[test]
 fn v3_source_bodies_held_200ms_after_their_headers_lose_nothing() {
-    held_source_bodies(Duration::from_millis(200));
+    held_source_bodies(Mode::V3ToV3, Duration::from_millis(200));
 }
 
 #[test]
 fn v3_source_bodies_held_2s_after_their_headers_lose_nothing() {
-    held_source_bodies(Duration::from_secs(2));
+    held_source_bodies(Mode::V3ToV3, Duration::from_secs(2));
+}
+
+#[test]
+fn v2_source_bodies_held_2s_after_their_headers_lose_nothing_in_v3() {
+    held_source_bodies(Mode::V2ToV3, Duration::from_secs(2));
 }
 
 #[test]
 fn v3_source_bodies_held_10s_after_their_headers_lose_nothing() {
-    held_source_bodies(Duration::from_secs(10));
+    held_source_bodies(Mode::V3ToV3, Duration::from_secs(10));
 }
 
 /// Transaction answers from the v3 destination held back 2 s after their headers, in both
@@ -111,14 +117,12 @@ fn v3_to_v3_destination_answers_held_2s_lose_nothing() {
     held_destination_bodies(Mode::V3ToV3);
 }
 
-/// A v3 source `one_way` away each way (with jitter), and the destination a tenth of that:
-/// live writes, a catch-up after a kill, then 1100 revisions outside the quiet prefix, which
-/// the stored index must follow (the quiet proof, at a distance), and a write after them.
-fn distance(one_way: Duration) {
-    let s = Setup::start(
-        &format!("v3-distance-{}ms", one_way.as_millis()),
-        Mode::V3ToV3,
-    );
+/// A source `one_way` away each way (with jitter), and the v3 destination a tenth of that:
+/// live writes, a catch-up after a kill, then 1100 revisions (v2: events) outside the quiet
+/// prefix, which the stored index must follow (for v3, the quiet proof at a distance), and a
+/// write after them.
+fn distance(mode: Mode, one_way: Duration) {
+    let s = Setup::start(&format!("v3-distance-{}ms", one_way.as_millis()), mode);
     let faults = |d: Duration| Faults {
         jitter: d / 5,
         ..Faults::delay(d)
@@ -152,12 +156,17 @@ fn distance(one_way: Duration) {
 
 #[test]
 fn a_v3_source_60ms_away_each_way_is_mirrored() {
-    distance(Duration::from_millis(60));
+    distance(Mode::V3ToV3, Duration::from_millis(60));
 }
 
 #[test]
 fn a_v3_source_150ms_away_each_way_is_mirrored() {
-    distance(Duration::from_millis(150));
+    distance(Mode::V3ToV3, Duration::from_millis(150));
+}
+
+#[test]
+fn a_v2_source_60ms_away_each_way_is_mirrored_into_v3() {
+    distance(Mode::V2ToV3, Duration::from_millis(60));
 }
 
 /// Short budgets for the black-hole tests.
