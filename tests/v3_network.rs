@@ -1,12 +1,12 @@
 //! etcd v3 support (issue 10) through a faulty network, on real etcd 3.4, with the fault proxy
 //! between the mirror and a v3 source or a v3 destination (and a v2 source mirrored into v3,
-//! for held bodies and distance): response bodies held back 0.2 s,
-//! 2 s and 10 s after their headers (at start, catching up, live), a source 60 ms and 150 ms
-//! away each way with jitter, revisions outside the prefix moving a quiet mirror's index at a
-//! distance, black holes shorter and longer than --retry-timeout on either side, a dropped
-//! watch answer, watch connections cut twice far apart, connection reuse while idle, and a
-//! stored revision ahead of the source (at start, and after the source is replaced mid-run). The same faults on a v2 source are
-//! tests/network.rs's.
+//! for held bodies and distance): response bodies held back 0.2 s, 2 s and 10 s after their
+//! headers (at start, catching up, live), a source 60 ms and 150 ms away each way with
+//! jitter, revisions outside the prefix moving a quiet mirror's index at a distance, black
+//! holes shorter and longer than --retry-timeout on either side, a dropped watch answer,
+//! watch connections cut twice far apart, connection reuse while idle, and a stored revision
+//! ahead of the source (at start, and after the source is replaced mid-run). The same faults
+//! on a v2 source into v2 are tests/network.rs's.
 
 mod common;
 
