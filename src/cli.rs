@@ -299,15 +299,35 @@ fn seconds(flag: &str, value: Option<String>, default: Duration) -> Result<Durat
     let Some(v) = value else {
         return Ok(default);
     };
-    let parsed = v.parse::<f64>().ok().filter(|s| *s > 0.0 && *s < 1e6);
-    // Total: `try_from_secs_f64` returns an error (never panics) for a negative, NaN or
-    // too large value, and the filter has already kept only 0 < s < 1e6, which fits.
-    match parsed.and_then(|s| Duration::try_from_secs_f64(s).ok()) {
+    match decimal_seconds(&v).filter(|d| !d.is_zero()) {
         Some(d) => Ok(d),
         None => Err(usage(format!(
             "{flag} takes a positive number of seconds, got {v:?}"
         ))),
     }
+}
+
+/// Seconds written `S`, `S.F` or `.F` in decimal digits, below a million, with checked
+/// integer arithmetic only (no float: no rounding, nothing that can overflow or panic);
+/// digits past the nanosecond are dropped. `None` for anything else.
+fn decimal_seconds(v: &str) -> Option<Duration> {
+    let (whole, frac) = v.split_once('.').unwrap_or((v, ""));
+    let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if (whole.is_empty() && frac.is_empty()) || !all_digits(whole) || !all_digits(frac) {
+        return None;
+    }
+    let secs = decimal(whole.bytes()).filter(|s| *s < 1_000_000)?;
+    // Exactly nine digits: the fraction cut after the nanosecond, or padded with zeros.
+    let nanos = decimal(frac.bytes().chain(std::iter::repeat(b'0')).take(9))?;
+    Duration::from_secs(secs).checked_add(Duration::from_nanos(nanos))
+}
+
+/// The value of decimal digits; `None` on a non-digit or past `u64::MAX`.
+fn decimal(mut digits: impl Iterator<Item = u8>) -> Option<u64> {
+    digits.try_fold(0u64, |n, b| {
+        let d = b.is_ascii_digit().then(|| b.wrapping_sub(b'0'))?;
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
 }
 
 fn endpoint(name: &str, url: &str) -> Result<Endpoint> {
@@ -608,6 +628,57 @@ mod tests {
     }
 
     #[test]
+    fn decimal_seconds_are_exact_and_refuse_anything_else() {
+        let ok = |v: &str| decimal_seconds(v);
+        assert_eq!(ok("15"), Some(Duration::from_secs(15)));
+        assert_eq!(ok("7.5"), Some(Duration::from_millis(7500)));
+        assert_eq!(ok(".5"), Some(Duration::from_millis(500)));
+        assert_eq!(ok("5."), Some(Duration::from_secs(5)));
+        assert_eq!(ok("0.1"), Some(Duration::from_millis(100)));
+        assert_eq!(ok("0.0000000019"), Some(Duration::from_nanos(1)));
+        assert_eq!(
+            ok("999999.999999999"),
+            Some(Duration::new(999_999, 999_999_999))
+        );
+        assert_eq!(ok("0"), Some(Duration::ZERO));
+        for bad in [
+            "",
+            ".",
+            "1e3",
+            "-1",
+            "+5",
+            " 5",
+            "5 ",
+            "5.5.5",
+            "1000000",
+            "inf",
+            "NaN",
+            "0x10",
+            "99999999999999999999999",
+            "1.x",
+            "١",
+        ] {
+            assert_eq!(ok(bad), None, "{bad:?}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Any digits, any length: never a panic, and the value of what fits.
+        #[test]
+        fn decimal_seconds_is_total(whole in "[0-9]{0,25}", frac in proptest::option::of("[0-9]{0,25}")) {
+            let v = match &frac { Some(f) => format!("{whole}.{f}"), None => whole.clone() };
+            let got = decimal_seconds(&v);
+            let w: Option<u128> = if whole.is_empty() { Some(0) } else { whole.parse().ok() };
+            let f = frac.unwrap_or_default();
+            let nanos: u128 = format!("{:0<9}", &f[..f.len().min(9)]).parse().unwrap();
+            let want = w
+                .filter(|w| *w < 1_000_000 && !(v.is_empty() || v == "."))
+                .map(|w| Duration::from_nanos((w * 1_000_000_000 + nanos) as u64));
+            proptest::prop_assert_eq!(got, want);
+        }
+    }
+
+    #[test]
     fn help_and_version() {
         assert!(matches!(parse(["--help"]), Ok(Command::Help)));
         assert!(matches!(parse(["-h", "x"]), Ok(Command::Help)));
@@ -816,8 +887,9 @@ mod tests {
             force: bool,
             debug: bool,
             ignore: Option<String>,
-            retry: Option<f64>,
-            watch: Option<f64>,
+            /// Milliseconds, written as decimal seconds.
+            retry: Option<u64>,
+            watch: Option<u64>,
             port: Option<u16>,
             listen: Option<std::net::IpAddr>,
             src: (String, u16),
@@ -853,8 +925,8 @@ mod tests {
                 ])),
             );
             let numbers = (
-                proptest::option::of(0.001f64..999_999.0),
-                proptest::option::of(5.0f64..600.0),
+                proptest::option::of(1u64..999_999_000),
+                proptest::option::of(5_000u64..600_000),
                 proptest::option::of(any::<u16>()),
                 proptest::option::of(any::<std::net::IpAddr>()),
             );
@@ -896,8 +968,9 @@ mod tests {
             flag("--src-prefix", v.src_prefix.clone());
             flag("--dst-prefix", v.dst_prefix.clone());
             flag("--src-ignore-keys-regex", v.ignore.clone());
-            flag("--retry-timeout", v.retry.map(|f| f.to_string()));
-            flag("--watch-timeout", v.watch.map(|f| f.to_string()));
+            let secs = |ms: u64| format!("{}.{:03}", ms / 1000, ms % 1000);
+            flag("--retry-timeout", v.retry.map(secs));
+            flag("--watch-timeout", v.watch.map(secs));
             flag("--port", v.port.map(|p| p.to_string()));
             flag("--listen", v.listen.map(|ip| ip.to_string()));
             for (on, name) in [
@@ -993,9 +1066,9 @@ mod tests {
                     (v.strip, v.reload, v.dry_run, v.force, v.debug)
                 );
                 prop_assert_eq!(c.keys.ignore.map(|r| r.as_str().to_string()), v.ignore.map(|r| format!("^(?:{r})$")));
-                prop_assert_eq!(c.retry_timeout, Duration::from_secs_f64(v.retry.unwrap_or(60.0)));
+                prop_assert_eq!(c.retry_timeout, Duration::from_millis(v.retry.unwrap_or(60_000)));
                 if let Some(w) = v.watch {
-                    prop_assert_eq!(c.watch_timeout, Duration::from_secs_f64(w));
+                    prop_assert_eq!(c.watch_timeout, Duration::from_millis(w));
                 }
                 let ip = v.listen.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
                 let port = v.port.unwrap_or(8000);
