@@ -360,93 +360,41 @@ mod tests {
     fn a_failed_transaction_is_judged_by_what_it_read_back() {
         let (a, b) = (put("/a", None, "1"), put("/b", Some("x"), "y"));
         let compared = [&a, &b];
-        let index = |v: &str| kv("/__replication/r", v);
+        // (retried, index as this process read it, index read back, keys read back) for a
+        // batch that moves the index to 8.
+        let verdict = |retried: bool, ours: &str, index: Option<&str>, keys: &[Option<Kv>]| {
+            let index = index.and_then(|v| kv("/__replication/r", v));
+            judge(retried, 8, ours.as_bytes(), &compared, index.as_ref(), keys)
+        };
+        let (at_end, at_start) = ([kv("/a", "1"), kv("/b", "y")], [None, kv("/b", "x")]);
         // A lost answer: index and keys already at the end.
-        assert_eq!(
-            judge(
-                true,
-                8,
-                b"7",
-                &compared,
-                index("8").as_ref(),
-                &[kv("/a", "1"), kv("/b", "y")]
-            ),
-            Verdict::Landed
-        );
-        // Another mirror moved the index.
-        assert_eq!(
-            judge(
-                true,
-                8,
-                b"7",
-                &compared,
-                index("9").as_ref(),
-                &[kv("/a", "1"), kv("/b", "y")]
-            ),
-            Verdict::OtherWriter
-        );
-        assert_eq!(
-            judge(true, 8, b"7", &compared, None, &[None, kv("/b", "x")]),
-            Verdict::OtherWriter
-        );
+        assert_eq!(verdict(true, "7", Some("8"), &at_end), Verdict::Landed);
+        // Another mirror moved the index, or removed it.
+        assert_eq!(verdict(true, "7", Some("9"), &at_end), Verdict::OtherWriter);
+        assert_eq!(verdict(true, "7", None, &at_start), Verdict::OtherWriter);
         // A key at neither state.
         assert_eq!(
-            judge(
-                true,
-                8,
-                b"7",
-                &compared,
-                index("7").as_ref(),
-                &[None, kv("/b", "z")]
-            ),
+            verdict(true, "7", Some("7"), &[None, kv("/b", "z")]),
             Verdict::Mismatch(1)
         );
         assert_eq!(
-            judge(
-                true,
-                8,
-                b"7",
-                &compared,
-                index("7").as_ref(),
-                &[kv("/a", "0"), kv("/b", "x")]
-            ),
+            verdict(true, "7", Some("7"), &[kv("/a", "0"), kv("/b", "x")]),
             Verdict::Mismatch(0)
         );
         // A chunk of this batch landed before a restart: write the rest.
         assert_eq!(
-            judge(
-                true,
-                8,
-                b"7",
-                &compared,
-                index("7").as_ref(),
-                &[kv("/a", "1"), kv("/b", "x")]
-            ),
+            verdict(true, "7", Some("7"), &[kv("/a", "1"), kv("/b", "x")]),
             Verdict::Again(vec![b"/a".to_vec()])
         );
         // An index stored by hand as "7\n" is ours when that is what this process read.
         assert_eq!(
-            judge(
-                true,
-                8,
-                b"7\n",
-                &compared,
-                index("7\n").as_ref(),
-                &[None, kv("/b", "x")]
-            ),
+            verdict(true, "7\n", Some("7\n"), &at_start),
             Verdict::Again(vec![])
         );
         // A request sent once, or a chunk that does not move the index, never counts as
         // landed: the same state is then another mirror applying the same events.
         assert_eq!(
-            judge(
-                false,
-                8,
-                b"7",
-                &compared,
-                index("8").as_ref(),
-                &[kv("/a", "1"), kv("/b", "y")]
-            ),
+            verdict(false, "7", Some("8"), &at_end),
             Verdict::OtherWriter
         );
     }
