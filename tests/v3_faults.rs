@@ -6,6 +6,7 @@
 //! `--reload-only`, the mass-delete guard, a reload killed midway, a busy source) and
 //! `--check`. Plain replication of each event kind is tests/v3.rs's.
 
+#[macro_use]
 mod common;
 
 use common::proxy::{Faults, Proxy};
@@ -301,15 +302,7 @@ fn sigkills(mode: Mode) {
     s.synced(&mut m, Duration::from_secs(90), "the SIGKILL workload");
 }
 
-#[test]
-fn v2_to_v3_sigkills_at_random_moments_then_trees_equal() {
-    sigkills(Mode::V2ToV3);
-}
-
-#[test]
-fn v3_to_v3_sigkills_at_random_moments_then_trees_equal() {
-    sigkills(Mode::V3ToV3);
-}
+both_modes!(sigkills_at_random_moments_then_trees_equal, sigkills);
 
 /// Both sides behind proxies (1-3 ms away) whose connections are all closed at random
 /// moments, every 150-500 ms, sometimes refusing new ones for up to 100 ms, during 6 s of
@@ -381,15 +374,7 @@ fn flaky_network(mode: Mode) {
     );
 }
 
-#[test]
-fn v2_to_v3_a_flaky_network_on_both_sides_loses_nothing() {
-    flaky_network(Mode::V2ToV3);
-}
-
-#[test]
-fn v3_to_v3_a_flaky_network_on_both_sides_loses_nothing() {
-    flaky_network(Mode::V3ToV3);
-}
+both_modes!(a_flaky_network_on_both_sides_loses_nothing, flaky_network);
 
 /// Swallow the answer to the next destination transaction, make `event` on the source, wait
 /// until the transaction has landed (the stored index reached the event), leave the mirror
@@ -486,15 +471,7 @@ fn lost_answers(mode: Mode) {
     );
 }
 
-#[test]
-fn v2_to_v3_lost_txn_answers_are_recognised() {
-    lost_answers(Mode::V2ToV3);
-}
-
-#[test]
-fn v3_to_v3_lost_txn_answers_are_recognised() {
-    lost_answers(Mode::V3ToV3);
-}
+both_modes!(lost_txn_answers_are_recognised, lost_answers);
 
 /// A transaction whose answer never comes and whose connection stays open: the mirror waits
 /// it out with its own timeout, then finds the write already applied.
@@ -717,15 +694,7 @@ fn destination_restarts(mode: Mode) {
     );
 }
 
-#[test]
-fn v2_to_v3_destination_restarts_mid_stream() {
-    destination_restarts(Mode::V2ToV3);
-}
-
-#[test]
-fn v3_to_v3_destination_restarts_mid_stream() {
-    destination_restarts(Mode::V3ToV3);
-}
+both_modes!(destination_restarts_mid_stream, destination_restarts);
 
 /// The v3 watch stream from the source with its body held back 2 s after its headers (the
 /// proxy is between the mirror and the SOURCE): events waiting at the start, a catch-up after
@@ -914,15 +883,10 @@ fn reload_cycle(mode: Mode) {
     s.synced(&mut m, Duration::from_secs(30), "writes after the reloads");
 }
 
-#[test]
-fn v2_to_v3_reload_dry_run_reload_only_and_the_mass_delete_guard() {
-    reload_cycle(Mode::V2ToV3);
-}
-
-#[test]
-fn v3_to_v3_reload_dry_run_reload_only_and_the_mass_delete_guard() {
-    reload_cycle(Mode::V3ToV3);
-}
+both_modes!(
+    reload_dry_run_reload_only_and_the_mass_delete_guard,
+    reload_cycle
+);
 
 /// A `--reload` SIGKILLed after part of its writes (the destination 20 ms away, so that it
 /// is slow): it removed the stale index before writing, so a plain start refuses the
@@ -999,15 +963,10 @@ fn reload_killed_midway(mode: Mode) {
     );
 }
 
-#[test]
-fn v2_to_v3_a_reload_killed_midway_is_finished_by_another() {
-    reload_killed_midway(Mode::V2ToV3);
-}
-
-#[test]
-fn v3_to_v3_a_reload_killed_midway_is_finished_by_another() {
-    reload_killed_midway(Mode::V3ToV3);
-}
+both_modes!(
+    a_reload_killed_midway_is_finished_by_another,
+    reload_killed_midway
+);
 
 /// `--reload-only` while a writer changes the source prefix about 200 times a second
 /// (puts, overwrites, deletes, transactions): it ends with exit 0, and a mirror started
@@ -1172,12 +1131,7 @@ fn check_cycle(mode: Mode) {
     );
 }
 
-#[test]
-fn v2_to_v3_check_ok_then_critical_after_an_out_of_band_change() {
-    check_cycle(Mode::V2ToV3);
-}
-
-#[test]
-fn v3_to_v3_check_ok_then_critical_after_an_out_of_band_change() {
-    check_cycle(Mode::V3ToV3);
-}
+both_modes!(
+    check_ok_then_critical_after_an_out_of_band_change,
+    check_cycle
+);

@@ -8,6 +8,7 @@
 //! ahead of the source (at start, and after the source is replaced mid-run). The same faults
 //! on a v2 source into v2 are tests/network.rs's.
 
+#[macro_use]
 mod common;
 
 use common::proxy::{Faults, Proxy, Side};
@@ -107,15 +108,10 @@ fn held_destination_bodies(mode: Mode) {
     s.synced(&mut m, Duration::from_secs(90), "more answers held 2 s");
 }
 
-#[test]
-fn v2_to_v3_destination_answers_held_2s_lose_nothing() {
-    held_destination_bodies(Mode::V2ToV3);
-}
-
-#[test]
-fn v3_to_v3_destination_answers_held_2s_lose_nothing() {
-    held_destination_bodies(Mode::V3ToV3);
-}
+both_modes!(
+    destination_answers_held_2s_lose_nothing,
+    held_destination_bodies
+);
 
 /// A source `one_way` away each way (with jitter), and the v3 destination a tenth of that:
 /// live writes, a catch-up after a kill, then 1100 revisions (v2: events) outside the quiet

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+#[macro_use]
 pub mod v3;
 
 use std::collections::BTreeMap;

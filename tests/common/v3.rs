@@ -345,6 +345,24 @@ pub const SRC: &str = "/app";
 pub const DST: &str = "/replica";
 pub const SUB: &str = "/replica/app";
 
+/// The tests `NAME::v2_to_v3` and `NAME::v3_to_v3`, each calling `body(mode)`.
+#[allow(unused_macros)]
+macro_rules! both_modes {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[test]
+            fn v2_to_v3() {
+                super::$body($crate::common::v3::Mode::V2ToV3);
+            }
+
+            #[test]
+            fn v3_to_v3() {
+                super::$body($crate::common::v3::Mode::V3ToV3);
+            }
+        }
+    };
+}
+
 /// Which APIs the two sides speak.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Mode {
