@@ -1023,21 +1023,34 @@ impl Bench {
 
     /// Restart the mirror with --reload if it exited (recording why) or `force` is set.
     fn revive(&mut self, mode: &Mode, m: &mut Proc, what: &str, force: bool) -> Value {
+        let how = "restarted_with_reload";
+        self.revive_by(mode.name, m, what, force, how, |b| b.start_reload(mode))
+    }
+
+    /// Replace the mirror by `restart()` if it exited (recording why) or `force` is set; `how`
+    /// names the restart in the JSON row.
+    fn revive_by(
+        &mut self,
+        name: &str,
+        m: &mut Proc,
+        what: &str,
+        force: bool,
+        how: &str,
+        restart: impl FnOnce(&mut Self) -> Proc,
+    ) -> Value {
         if let Some(code) = m.exited() {
             let t = log_tail(&m.stderr());
             self.odd.push(format!(
-                "{} {what}: etcdmirror exited with code {code}; stderr tail:\n{}",
-                mode.name,
+                "{name} {what}: etcdmirror exited with code {code}; stderr tail:\n{}",
                 indent(&t)
             ));
-            *m = self.start_reload(mode);
-            return json!({"exit_code": code, "stderr_tail": t, "restarted_with_reload": true});
+            *m = restart(self);
+            return json!({"exit_code": code, "stderr_tail": t, how: true});
         }
         if force {
             m.stop();
-            *m = self.start_reload(mode);
-            return json!({"exit_code": null, "restarted_with_reload": true,
-                          "why": "still behind after the drain time"});
+            *m = restart(self);
+            return json!({"exit_code": null, how: true, "why": "still behind after the drain time"});
         }
         Value::Null
     }
@@ -1946,23 +1959,8 @@ impl Bench {
 
     /// Start again from scratch if the mirror exited (recording why) or `force` is set.
     fn v3_revive(&mut self, mode: &mut V3Mode, m: &mut Proc, what: &str, force: bool) -> Value {
-        if let Some(code) = m.exited() {
-            let t = log_tail(&m.stderr());
-            self.odd.push(format!(
-                "{} {what}: etcdmirror exited with code {code}; stderr tail:\n{}",
-                mode.name,
-                indent(&t)
-            ));
-            *m = self.v3_fresh(mode);
-            return json!({"exit_code": code, "stderr_tail": t, "restarted_on_a_fresh_prefix": true});
-        }
-        if force {
-            m.stop();
-            *m = self.v3_fresh(mode);
-            return json!({"exit_code": null, "restarted_on_a_fresh_prefix": true,
-                          "why": "still behind after the drain time"});
-        }
-        Value::Null
+        let (name, how) = (mode.name, "restarted_on_a_fresh_prefix");
+        self.revive_by(name, m, what, force, how, |b| b.v3_fresh(mode))
     }
 
     /// The counters now; `m` is the running mirror, if any.
