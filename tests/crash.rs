@@ -181,22 +181,10 @@ fn sigkill_at_random_moments_then_trees_equal() {
             } else {
                 50 + krng.below(700)
             };
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_millis(delay) {
-                if let Some(code) = m.exited() {
-                    panic!(
-                        "etcdmirror exited by itself with {code} after {kills} kills; stderr:\n{}",
-                        tail(&m.stderr(), 40)
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            if let Some(code) = m.exited() {
-                panic!(
-                    "etcdmirror exited by itself with {code} after {kills} kills; stderr:\n{}",
-                    tail(&m.stderr(), 40)
-                );
-            }
+            m.stays_alive(
+                Duration::from_millis(delay),
+                &format!("after {kills} kills"),
+            );
             m.kill();
             kills += 1;
             // Runs that found a step of the un-indexed event already applied.

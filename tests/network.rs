@@ -239,12 +239,7 @@ fn an_idle_mirror_reuses_its_source_connections() {
     let mut m = mirror_from_now(&pair, &proxy, &args);
     m.wait_log(Duration::from_secs(30), "Starting replication at");
     let before = proxy.conns.load(Ordering::SeqCst);
-    let start = Instant::now();
-    m.wait_for(
-        Duration::from_secs(IDLE_SECS + 10),
-        "the idle period to pass",
-        || start.elapsed() >= Duration::from_secs(IDLE_SECS),
-    );
+    m.stays_alive(Duration::from_secs(IDLE_SECS), "the idle period");
     let opened = proxy.conns.load(Ordering::SeqCst) - before;
     println!("{opened} source connections opened in {IDLE_SECS} s of idling");
     assert!(
@@ -346,10 +341,7 @@ fn short_black_hole(side: Side) {
             }
         }
     }
-    let start = Instant::now();
-    m.wait_for(Duration::from_secs(5), "the 2 s black hole", || {
-        start.elapsed() >= Duration::from_secs(2)
-    });
+    m.stays_alive(Duration::from_secs(2), "the 2 s black hole");
     proxy.set(Faults::default());
     for i in 0..3 {
         let key = format!("/p/after{i}");
@@ -390,10 +382,7 @@ fn watch_cuts_far_apart_each_get_the_whole_retry_budget() {
             ..Faults::default()
         });
         proxy.set(Faults::default());
-        let start = Instant::now();
-        m.wait_for(Duration::from_secs(20), "a quiet period", || {
-            start.elapsed() >= Duration::from_secs(12)
-        });
+        m.stays_alive(Duration::from_secs(12), "a quiet period");
     }
     write(&pair, &check, "/p/after", "after the cuts");
     synced(

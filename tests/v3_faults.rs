@@ -211,21 +211,6 @@ impl Writer {
     }
 }
 
-/// Sleep `ms` milliseconds, failing at once if the mirror exits by itself meanwhile.
-#[track_caller]
-fn alive_for(m: &mut Mirror, ms: u64, context: &str) {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_millis(ms) {
-        if let Some(code) = m.exited() {
-            panic!(
-                "etcdmirror exited by itself with {code} ({context}); stderr:\n{}",
-                tail(&m.stderr(), 40)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// SIGKILL the mirror at random moments, 10 to 15 times, during 12 s of mixed writes on the
 /// source, restarting it each time without --reload; the destination is 3 ms away each way so
 /// that kills land in the middle of transactions. The mirror never exits by itself, and at
@@ -259,7 +244,10 @@ fn sigkills(mode: Mode) {
                 300 + krng.below(1000)
             };
             let before = s.stored();
-            alive_for(&mut m, delay, &format!("after {kills} kills"));
+            m.stays_alive(
+                Duration::from_millis(delay),
+                &format!("after {kills} kills"),
+            );
             let code = m.kill();
             if m.stderr().contains("already hold") {
                 recognised += 1;
@@ -331,7 +319,10 @@ fn flaky_network(mode: Mode) {
         let _abort = StopOnDrop(&w.abort);
         let mut rng = Rng::new(seed ^ 0xf1a4);
         while !w.done() {
-            alive_for(&mut m, 150 + rng.below(350), "on a flaky network");
+            m.stays_alive(
+                Duration::from_millis(150 + rng.below(350)),
+                "on a flaky network",
+            );
             let side = rng.below(3);
             let proxies: Vec<&Proxy> = [&to_src, &to_dst]
                 .into_iter()
@@ -348,7 +339,10 @@ fn flaky_network(mode: Mode) {
                     ..near.clone()
                 });
             }
-            alive_for(&mut m, rng.below(100), "while connections are refused");
+            m.stays_alive(
+                Duration::from_millis(rng.below(100)),
+                "while connections are refused",
+            );
             for p in &proxies {
                 p.set(near.clone());
             }

@@ -241,10 +241,7 @@ fn short_black_hole(side: Side) {
         Side::Source => outside(&s, "during", "outside the prefix"),
         Side::Destination => writes(&s, "during", 3),
     }
-    let start = Instant::now();
-    m.wait_for(Duration::from_secs(5), "the 2 s black hole", || {
-        start.elapsed() >= Duration::from_secs(2)
-    });
+    m.stays_alive(Duration::from_secs(2), "the 2 s black hole");
     proxy.set(Faults::default());
     writes(&s, "after", 3);
     s.synced(&mut m, Duration::from_secs(60), "after the black hole");
@@ -296,12 +293,7 @@ fn an_idle_v3_mirror_reuses_its_source_connections() {
     let mut m = mirror_from_now(&s, &[], &proxy.url(), &s.dst.url);
     m.wait_log(Duration::from_secs(30), "Starting replication into v3 at");
     let before = proxy.conns.load(Ordering::SeqCst);
-    let start = Instant::now();
-    m.wait_for(
-        Duration::from_secs(IDLE_SECS + 10),
-        "the idle period to pass",
-        || start.elapsed() >= Duration::from_secs(IDLE_SECS),
-    );
+    m.stays_alive(Duration::from_secs(IDLE_SECS), "the idle period");
     let opened = proxy.conns.load(Ordering::SeqCst) - before;
     println!("{opened} source connections opened in {IDLE_SECS} s of idling");
     assert!(
@@ -381,10 +373,7 @@ fn v3_watch_cuts_far_apart_each_get_the_whole_retry_budget() {
     for _ in 0..2 {
         cut();
         // Quiet for longer than --retry-timeout (5 s) plus a renewal (--watch-timeout 5 s).
-        let start = Instant::now();
-        m.wait_for(Duration::from_secs(20), "a quiet period", || {
-            start.elapsed() >= Duration::from_secs(12)
-        });
+        m.stays_alive(Duration::from_secs(12), "a quiet period");
     }
     writes(&s, "after", 2);
     s.synced(&mut m, Duration::from_secs(30), "after the cuts");

@@ -7,16 +7,6 @@ use common::*;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Keep checking that the mirror is alive for `d` (the quiet period is part of the scenario).
-fn stay_alive_for(m: &mut Mirror, d: Duration, context: &str) {
-    let t0 = Instant::now();
-    while t0.elapsed() < d {
-        m.assert_alive(context);
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    m.assert_alive(context);
-}
-
 #[test]
 fn incident_2024_02_28_quiet_after_1100_outside_writes() {
     let p = Pair::start("incident");
@@ -38,7 +28,7 @@ fn incident_2024_02_28_quiet_after_1100_outside_writes() {
 
     // A minute and a half with no writes at all: well past the 65 s at which the old pacer
     // panicked after a burst.
-    stay_alive_for(&mut m, Duration::from_secs(90), "during the quiet period");
+    m.stays_alive(Duration::from_secs(90), "during the quiet period");
     // The root watch saw every outside write arrive, so the stored index followed them.
     let idx = replication_index(&p.dst, "/replica").unwrap();
     assert!(

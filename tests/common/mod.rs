@@ -1010,6 +1010,18 @@ impl Mirror {
         }
     }
 
+    /// Let `time` pass, failing at once if the process exits meanwhile: a period (a quiet
+    /// source, a fault in place) the mirror must ride out.
+    #[track_caller]
+    pub fn stays_alive(&mut self, time: Duration, what: &str) {
+        let start = Instant::now();
+        while let Some(left) = time.checked_sub(start.elapsed()) {
+            self.assert_alive(what);
+            std::thread::sleep(left.min(Duration::from_millis(5)));
+        }
+        self.assert_alive(what);
+    }
+
     /// Wait (with a bound, failing fast if the process exits) until stderr contains `needle`.
     #[track_caller]
     pub fn wait_log(&mut self, timeout: Duration, needle: &str) {
